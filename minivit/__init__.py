@@ -1,0 +1,19 @@
+"""minivit: the Vision Transformer built from arrays, on NumPy or CuPy.
+
+    import minivit as mv
+    x = mv.tensor(data, requires_grad=True)
+    loss = (x * x).sum()
+    loss.backward()            # x.grad holds d loss / d x
+    mv.gradcheck(lambda x: (x * x).sum(), x)
+
+Backend: new tensors go to the default device, NumPy unless MINIVIT_BACKEND=cupy
+or minivit.backend.use("cupy"); tensor.to("cuda") / .to("cpu") moves one.
+"""
+from minivit import backend
+from minivit.autograd import Function, Tensor, as_tensor, is_grad_enabled, no_grad, tensor
+from minivit.gradcheck import GradcheckError, gradcheck
+from minivit.ops.basic import (add, broadcast_to, concatenate, div, exp, getitem, log, matmul,
+                               max, maximum, mean, mul, neg, pow, relu, reshape, sqrt, sub, sum,
+                               swapaxes, tanh, transpose)
+
+__version__ = "0.1.0"

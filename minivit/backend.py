@@ -1,0 +1,191 @@
+"""The array backend: the one module in minivit that imports NumPy or CuPy.
+
+Everything else asks this module for the array module of the arrays it holds,
+
+    xp = backend.array_module(x)      # numpy or cupy
+    y = xp.exp(x)
+
+so a single code path serves the CPU (NumPy) and the GPU (CuPy).
+
+The scheme, in one sentence: the *default backend* decides where new tensors
+are created, and `Tensor.to(device)` moves one explicitly.  The default is
+NumPy; choose CuPy for a whole program with the environment variable
+``MINIVIT_BACKEND=cupy`` or, in code, ``minivit.backend.use("cupy")``.
+Devices are named ``"cpu"`` (NumPy) and ``"cuda"`` (CuPy); the backend names
+``"numpy"`` and ``"cupy"`` are accepted as synonyms everywhere.
+"""
+import os
+import sys
+
+import numpy
+
+# Device names and their synonyms.
+_DEVICE_NAMES = {"cpu": "cpu", "numpy": "cpu", "np": "cpu",
+                 "cuda": "cuda", "cupy": "cuda", "gpu": "cuda", "cp": "cuda"}
+
+CUPY_INSTALL_HINT = ('install it with: pip install -e ".[cuda12]"  '
+                     "(cupy-cuda12x, for CUDA 12; use cupy-cuda11x for CUDA 11)")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot be used on this machine."""
+
+
+class DeviceMismatchError(RuntimeError):
+    """An operation was given arrays that live on different devices."""
+
+
+def device_name(name):
+    """Normalise a device or backend name to "cpu" or "cuda"."""
+    key = str(name).lower().split(":")[0]
+    if key not in _DEVICE_NAMES:
+        raise ValueError(f"unknown device {name!r}: expected 'cpu' (NumPy) or 'cuda' (CuPy)")
+    return _DEVICE_NAMES[key]
+
+
+# --- CuPy, imported only when asked for ------------------------------------------------
+
+def _import_cupy():
+    """Import CuPy and make sure a CUDA device is present; say which one is missing."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendError(f"the CuPy backend needs CuPy, which is not installed ({e}); "
+                           f"{CUPY_INSTALL_HINT}") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing, or no device visible
+        raise BackendError(f"CuPy is installed but no CUDA device is present ({e}); the CuPy "
+                           "backend needs an NVIDIA GPU with its driver. Use the NumPy "
+                           "backend (MINIVIT_BACKEND=numpy) on this machine.") from None
+    if count < 1:
+        raise BackendError("CuPy is installed but no CUDA device is present (0 devices found); "
+                           "the CuPy backend needs an NVIDIA GPU. Use the NumPy backend "
+                           "(MINIVIT_BACKEND=numpy) on this machine.")
+    return cupy
+
+
+def cupy_unavailable_reason():
+    """None when the CuPy backend works here, else the reason it does not (for test skips)."""
+    try:
+        _import_cupy()
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+def _cupy_if_loaded():
+    # An array can only be a CuPy array if CuPy has been imported by someone.
+    return sys.modules.get("cupy")
+
+
+def module_for(device):
+    """The array module (numpy or cupy) that serves a device name."""
+    return numpy if device_name(device) == "cpu" else _import_cupy()
+
+
+# --- the default backend ---------------------------------------------------------------
+
+_default_device = device_name(os.environ.get("MINIVIT_BACKEND", "numpy"))
+
+
+def use(name):
+    """Make `name` ("numpy"/"cpu" or "cupy"/"cuda") the default backend for new tensors."""
+    global _default_device
+    device = device_name(name)
+    module_for(device)           # fails here, clearly, if CuPy or the GPU is missing
+    _default_device = device
+
+
+def default_device():
+    return _default_device
+
+
+def default_module():
+    return module_for(_default_device)
+
+
+# --- asking arrays about themselves ----------------------------------------------------
+
+def is_array(x):
+    if isinstance(x, numpy.ndarray):
+        return True
+    cupy = _cupy_if_loaded()
+    return cupy is not None and isinstance(x, cupy.ndarray)
+
+
+def array_module(x):
+    """numpy or cupy, whichever owns array `x` (NumPy for anything that is not CuPy)."""
+    cupy = _cupy_if_loaded()
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return cupy
+    return numpy
+
+
+def device_of(x):
+    """ "cpu" for NumPy arrays, "cuda" for CuPy arrays."""
+    return "cpu" if array_module(x) is numpy else "cuda"
+
+
+def check_same_device(op_name, arrays):
+    """Raise DeviceMismatchError if `arrays` do not all live on one device."""
+    devices = [device_of(a) for a in arrays]
+    if len(set(devices)) > 1:
+        where = ", ".join(f"input {i} on {d} ({type(a).__module__.split('.')[0]}.ndarray)"
+                          for i, (a, d) in enumerate(zip(arrays, devices)))
+        raise DeviceMismatchError(
+            f"{op_name}: inputs live on different devices: {where}. "
+            "Move them to one device first, e.g. with tensor.to('cuda') or tensor.to('cpu').")
+
+
+# --- creating and moving arrays --------------------------------------------------------
+
+def asarray(data, dtype=None, device=None):
+    """An array of `data` on `device` (default: the default backend's device)."""
+    xp = module_for(device or _default_device)
+    if is_array(data) and array_module(data) is not xp:
+        data = to_device(data, device or _default_device)
+    return xp.asarray(data, dtype=dtype)
+
+
+def to_numpy(x):
+    """A NumPy array with the values of `x` (copied from the GPU when it is a CuPy array)."""
+    cupy = _cupy_if_loaded()
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return cupy.asnumpy(x)
+    return numpy.asarray(x)
+
+
+def to_device(x, device):
+    """`x` moved to `device` ("cpu" or "cuda"); returned unchanged when it is already there."""
+    device = device_name(device)
+    if device_of(x) == device:
+        return x
+    if device == "cpu":
+        return to_numpy(x)
+    return _import_cupy().asarray(x)
+
+
+def scatter_add(target, index, values):
+    """target[index] += values, where repeated indices add up (unbuffered), in place."""
+    xp = array_module(target)
+    if xp is numpy:
+        numpy.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    return target
+
+
+def random_normal(shape, seed, like):
+    """Standard normal float64 samples of `shape` from a seeded host generator, on `like`'s device."""
+    sample = numpy.random.default_rng(seed).standard_normal(shape)
+    return to_device(sample, device_of(like))
+
+
+def is_floating(x):
+    return numpy.dtype(x.dtype).kind == "f"
+
+
+def result_dtype(*dtypes_or_arrays):
+    return numpy.result_type(*dtypes_or_arrays)
