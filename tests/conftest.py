@@ -1,0 +1,21 @@
+"""Shared fixtures: every test that takes `device` runs once on NumPy ("cpu") and once
+on CuPy ("cuda"); the CuPy run is skipped, with the reason, where CuPy or a GPU is
+missing, and must pass where both are present."""
+import numpy as np
+import pytest
+
+from minivit import backend
+
+_CUPY_REASON = backend.cupy_unavailable_reason()
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda" and _CUPY_REASON is not None:
+        pytest.skip(f"CuPy backend unavailable: {_CUPY_REASON}")
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
