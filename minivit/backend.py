@@ -189,3 +189,11 @@ def is_floating(x):
 
 def result_dtype(*dtypes_or_arrays):
     return numpy.result_type(*dtypes_or_arrays)
+
+
+def generator(seed=None, device=None):
+    """A seeded random generator on `device`: numpy's or cupy's default_rng(seed).
+
+    Both have .random(size, dtype=...) and .standard_normal(size, dtype=...), so code
+    that draws dropout masks or initial weights is the same on either backend."""
+    return module_for(device or _default_device).random.default_rng(seed)

@@ -1,0 +1,142 @@
+"""The backend contract: one module imports NumPy or CuPy; every other module asks it.
+
+The array module of an array decides where an operation runs, so a single code path
+serves both devices.  The checks here: the import rule holds for every file in
+minivit/, a missing CuPy or a missing GPU is named in the error, and arrays on two
+devices are never silently combined.
+"""
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import backend
+
+PACKAGE = pathlib.Path(mv.__file__).parent
+
+
+def _imported_modules(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def test_only_backend_imports_numpy_or_cupy():
+    offenders = sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "backend.py" or path.parent != PACKAGE
+        if {"numpy", "cupy", "cupyx"} & set(_imported_modules(path)))
+    assert offenders == [], f"only minivit/backend.py may import numpy or cupy: {offenders}"
+
+
+def test_the_import_scan_would_catch_an_offender(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import numpy as np\n    from cupy import ndarray\n")
+    assert set(_imported_modules(bad)) == {"numpy", "cupy"}
+
+
+def test_missing_cupy_is_named_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)        # makes `import cupy` fail
+    with pytest.raises(backend.BackendError, match=r"CuPy, which is not installed.*\.\[cuda12\]"):
+        backend.use("cupy")
+    assert "not installed" in backend.cupy_unavailable_reason()
+    assert backend.default_device() == "cpu"              # a failed use() changes nothing
+
+
+def _fake_cupy(count=None, error=None):
+    def get_device_count():
+        if error:
+            raise error
+        return count
+    runtime = types.SimpleNamespace(getDeviceCount=get_device_count)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime), ndarray=type(None))
+
+
+@pytest.mark.parametrize("fake", [_fake_cupy(count=0),
+                                  _fake_cupy(error=RuntimeError("cudaErrorNoDevice"))])
+def test_missing_gpu_is_named(monkeypatch, fake):
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(backend.BackendError, match="CuPy is installed but no CUDA device is present"):
+        backend.use("cuda")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"unknown device 'tpu': expected 'cpu' \(NumPy\) or 'cuda'"):
+        backend.use("tpu")
+
+
+def test_environment_variable_chooses_the_backend():
+    code = ("import minivit as mv; print(mv.backend.default_device()); "
+            "print(type(mv.tensor([1.0]).data).__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MINIVIT_BACKEND": "numpy"}, check=True).stdout
+    assert out.split() == ["cpu", "numpy"]
+    if backend.cupy_unavailable_reason() is not None:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "MINIVIT_BACKEND": "cupy"})
+        assert run.returncode != 0 and "CuPy" in run.stderr
+
+
+def test_device_mismatch_names_the_operation_and_both_devices(monkeypatch):
+    a, b = np.ones(2), np.ones(2)
+    # Pretend b lives on the GPU: the check must refuse to combine them.
+    monkeypatch.setattr(backend, "device_of", lambda x: "cuda" if x is b else "cpu")
+    with pytest.raises(backend.DeviceMismatchError,
+                       match=r"Mul: inputs live on different devices: input 0 on cpu .*"
+                             r"input 1 on cuda"):
+        mv.tensor(a) * mv.Tensor(b)
+
+
+def test_device_mismatch_on_a_real_gpu():
+    if backend.cupy_unavailable_reason() is not None:
+        pytest.skip(f"CuPy backend unavailable: {backend.cupy_unavailable_reason()}")
+    x = mv.tensor([1.0], device="cpu")
+    y = mv.tensor([1.0], device="cuda")
+    with pytest.raises(backend.DeviceMismatchError, match=r"Add: .*cpu \(numpy.ndarray\).*"
+                                                           r"cuda \(cupy.ndarray\)"):
+        x + y
+
+
+def test_moving_between_devices(device):
+    data = np.arange(6.0).reshape(2, 3)
+    x = mv.tensor(data, requires_grad=True)                 # default device: cpu
+    y = x.to(device)
+    assert y.device == device and backend.device_of(y.data) == device
+    assert (x.to("cpu") is x) and (y.to(device) is y)
+    (y * y).sum().backward()                                # the gradient comes back to the cpu
+    assert backend.device_of(x.grad) == "cpu"
+    np.testing.assert_array_equal(x.grad, 2 * data)
+    np.testing.assert_array_equal(backend.to_numpy(backend.to_device(data, device)), data)
+    assert backend.array_module(backend.to_device(data, device)) is backend.module_for(device)
+
+
+def test_use_sets_where_new_tensors_go(device):
+    try:
+        backend.use(device)
+        assert mv.tensor(np.ones(2)).device == device
+    finally:
+        backend.use("numpy")
+
+
+def test_scatter_add_accumulates_repeats(device):
+    target = backend.to_device(np.zeros(3), device)
+    backend.scatter_add(target, backend.to_device(np.array([0, 0, 2]), device),
+                        backend.to_device(np.array([1.0, 2.0, 5.0]), device))
+    np.testing.assert_array_equal(backend.to_numpy(target), [3.0, 0.0, 5.0])
+
+
+def test_generator_is_seeded(device):
+    a = backend.generator(3, device).random((4,))
+    b = backend.generator(3, device).random((4,))
+    np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    assert backend.device_of(a) == device

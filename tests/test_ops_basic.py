@@ -1,0 +1,256 @@
+"""The basic operations, each checked three ways.
+
+For y = f(x) and a loss L, backward receives g = dL/dy and returns dL/dx. The chain
+rule gives, for the elementwise functions,
+
+    y = a + b:  da = g,           db = g
+    y = a - b:  da = g,           db = -g
+    y = a * b:  da = g b,         db = g a
+    y = a / b:  da = g / b,       db = -g a / b^2
+    y = x^c:    dx = g c x^(c-1)
+    y = e^x:    dx = g y          y = ln x:   dx = g / x
+    y = sqrt x: dx = g / (2y)     y = tanh x: dx = g (1 - y^2)
+
+and, for the matrix product y_ij = sum_k a_ik b_kj,  da = g b^T,  db = a^T g.
+A reduction copies g back over the reduced axes (divided by n for the mean; only to
+the maximal entries for max).  Reshape, transpose and indexing move values around,
+so their backward moves g back the same way; indexing with repeated integer indices
+must *add* the gradients of every copy (scatter-add).
+
+When a binary op broadcasts an input, each input value feeds several outputs, so its
+gradient is the sum of g over those outputs: `unbroadcast` sums over the prepended
+axes and over the axes that were stretched from length 1.
+
+Each test (1) compares the forward value with plain array arithmetic, (2) checks
+the backward against central differences in float64 with a random cotangent
+(mv.gradcheck), on shapes that broadcast and on non-contiguous (transposed) inputs,
+and (3) runs on both backends (the CuPy run skips without a GPU).
+"""
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit.ops.basic import unbroadcast
+
+
+def T(array, device, grad=True):
+    return mv.tensor(np.asarray(array, dtype=np.float64), requires_grad=grad, device=device)
+
+
+# Shapes that broadcast against (2, 3, 4), including a scalar.
+BROADCAST_SHAPES = [(2, 3, 4), (3, 1), (4,), (1, 4), (2, 1, 1), ()]
+
+BINARY = {
+    "add": (lambda a, b: a + b, np.add),
+    "sub": (lambda a, b: a - b, np.subtract),
+    "mul": (lambda a, b: a * b, np.multiply),
+    "div": (lambda a, b: a / b, np.divide),
+    "maximum": (mv.maximum, np.maximum),
+}
+
+
+@pytest.mark.parametrize("name", list(BINARY))
+@pytest.mark.parametrize("b_shape", BROADCAST_SHAPES)
+def test_binary_ops_broadcast(name, b_shape, device, rng):
+    op, reference = BINARY[name]
+    a_np = rng.standard_normal((2, 3, 4))
+    b_np = rng.standard_normal(b_shape) + (3.0 if name == "div" else 0.0)   # keep b away from 0
+    a, b = T(a_np, device), T(b_np, device)
+    np.testing.assert_allclose(op(a, b).numpy(), reference(a_np, b_np), rtol=1e-12)
+    assert mv.gradcheck(op, a, b) < 1e-6
+    assert mv.gradcheck(op, b, a) < 1e-6          # the broadcast input on the left too
+
+
+@pytest.mark.parametrize("name", list(BINARY))
+def test_binary_ops_non_contiguous(name, device, rng):
+    op, reference = BINARY[name]
+    a_np = rng.standard_normal((4, 3)).T              # (3, 4), a transposed view
+    b_np = rng.standard_normal((4, 3)).T + (3.0 if name == "div" else 0.0)
+    assert not a_np.flags.c_contiguous
+    a, b = T(a_np, device), T(b_np, device)
+    np.testing.assert_allclose(op(a, b).numpy(), reference(a_np, b_np), rtol=1e-12)
+    assert mv.gradcheck(op, mv.tensor(a_np, requires_grad=True, device=device),
+                        mv.tensor(b_np, requires_grad=True, device=device)) < 1e-6
+
+
+def test_python_scalars_and_reflected_operators(device, rng):
+    x_np = rng.standard_normal((3, 2)) + 3.0
+    x = T(x_np, device)
+    cases = [
+        (lambda x: 2.0 + x, 2.0 + x_np), (lambda x: 2.0 - x, 2.0 - x_np),
+        (lambda x: 2.0 * x, 2.0 * x_np), (lambda x: 2.0 / x, 2.0 / x_np),
+        (lambda x: x ** 3, x_np ** 3), (lambda x: x ** -0.5, x_np ** -0.5), (lambda x: -x, -x_np),
+    ]
+    for f, expected in cases:
+        np.testing.assert_allclose(f(x).numpy(), expected, rtol=1e-12)
+        assert mv.gradcheck(f, x) < 1e-6
+
+
+def test_scalar_keeps_float32(device):
+    x = mv.tensor(np.ones((2, 2), np.float32), requires_grad=True, device=device)
+    y = (2.0 * x + 1.0) / 3.0
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+UNARY = {
+    "exp": (mv.exp, np.exp, 0.0),
+    "log": (mv.log, np.log, 3.0),          # shift inputs into the domain
+    "sqrt": (mv.sqrt, np.sqrt, 3.0),
+    "tanh": (mv.tanh, np.tanh, 0.0),
+    "relu": (mv.relu, lambda x: np.maximum(x, 0), 0.0),
+    "neg": (mv.neg, np.negative, 0.0),
+}
+
+
+@pytest.mark.parametrize("name", list(UNARY))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_unary_ops(name, transposed, device, rng):
+    op, reference, shift = UNARY[name]
+    x_np = rng.standard_normal((4, 5)) + shift
+    if name == "relu":
+        x_np = np.where(np.abs(x_np) < 0.1, 0.5, x_np)    # stay away from the kink at 0
+    x_np = x_np.T if transposed else x_np
+    x = T(x_np, device)
+    np.testing.assert_allclose(op(x).numpy(), reference(x_np), rtol=1e-12)
+    assert mv.gradcheck(op, x) < 1e-6
+
+
+def test_relu_gradient_at_zero_is_zero(device):
+    x = T([-1.0, 0.0, 2.0], device)
+    mv.relu(x).sum().backward()
+    np.testing.assert_array_equal(mv.backend.to_numpy(x.grad), [0.0, 0.0, 1.0])
+
+
+def test_maximum_ties_split_the_gradient(device):
+    a, b = T([1.0, 2.0, 3.0], device), T([1.0, 5.0, 0.0], device)
+    mv.maximum(a, b).sum().backward()
+    np.testing.assert_array_equal(mv.backend.to_numpy(a.grad), [0.5, 0.0, 1.0])
+    np.testing.assert_array_equal(mv.backend.to_numpy(b.grad), [0.5, 1.0, 0.0])
+
+
+def test_pow_rejects_a_tensor_exponent(device):
+    x = T([1.0, 2.0], device)
+    with pytest.raises(TypeError, match="constant exponent"):
+        x ** x
+
+
+REDUCTIONS = {"sum": (mv.sum, np.sum), "mean": (mv.mean, np.mean), "max": (mv.max, np.max)}
+
+
+@pytest.mark.parametrize("name", list(REDUCTIONS))
+@pytest.mark.parametrize("axis", [None, 0, 1, -1, (0, 2)])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_reductions(name, axis, keepdims, device, rng):
+    op, reference = REDUCTIONS[name]
+    x_np = rng.standard_normal((2, 3, 4))
+    x = T(x_np, device)
+    f = lambda x: op(x, axis=axis, keepdims=keepdims)   # noqa: E731
+    np.testing.assert_allclose(f(x).numpy(), reference(x_np, axis=axis, keepdims=keepdims),
+                               rtol=1e-12)
+    assert mv.gradcheck(f, x) < 1e-6
+    assert mv.gradcheck(f, T(x_np.transpose(2, 0, 1).copy().transpose(1, 2, 0), device)) < 1e-6
+
+
+def test_max_ties_share_the_gradient_equally(device):
+    x = T([[1.0, 3.0, 3.0], [2.0, 0.0, 2.0]], device)
+    x.max(axis=1).sum().backward()
+    np.testing.assert_array_equal(mv.backend.to_numpy(x.grad), [[0, 0.5, 0.5], [0.5, 0, 0.5]])
+
+
+def test_reduction_axis_out_of_range(device):
+    with pytest.raises(ValueError, match="axis 3 is out of range for an array with 2 dimensions"):
+        T(np.ones((2, 2)), device).sum(axis=3)
+
+
+def test_reshape_transpose_broadcast_to(device, rng):
+    x_np = rng.standard_normal((2, 3, 4))
+    x = T(x_np, device)
+    cases = [
+        (lambda x: x.reshape(4, 6), x_np.reshape(4, 6)),
+        (lambda x: x.reshape((3, -1)), x_np.reshape(3, -1)),
+        (lambda x: x.transpose(2, 0, 1), x_np.transpose(2, 0, 1)),
+        (lambda x: x.permute((1, 2, 0)), x_np.transpose(1, 2, 0)),
+        (lambda x: x.T, x_np.T),
+        (lambda x: x.swapaxes(-1, -2), x_np.swapaxes(-1, -2)),
+        (lambda x: x[:, :1, :].broadcast_to((5, 2, 3, 4)),
+         np.broadcast_to(x_np[:, :1, :], (5, 2, 3, 4))),
+    ]
+    for f, expected in cases:
+        np.testing.assert_array_equal(f(x).numpy(), expected)
+        assert mv.gradcheck(f, x) < 1e-6
+
+
+def test_transpose_rejects_a_non_permutation(device):
+    with pytest.raises(ValueError, match="not a permutation"):
+        T(np.ones((2, 3)), device).transpose(0, 0)
+
+
+INDICES = [
+    (1,), (slice(None, None, 2),), (Ellipsis, 1), (slice(None), [2, 0, 2]),
+    (np.array([0, 1, 1, 0]),), (np.array([[0, 1], [1, 1]]), slice(1, 3)),
+    (np.array([1, 1, 1]), np.array([2, 2, 0])),
+]
+
+
+@pytest.mark.parametrize("index", INDICES, ids=range(len(INDICES)))
+def test_getitem(index, device, rng):
+    x_np = rng.standard_normal((2, 3, 4))
+    dev_index = tuple(mv.backend.to_device(i, device) if isinstance(i, np.ndarray) else i
+                      for i in index)
+    x = T(x_np, device)
+    f = lambda x: x[dev_index]   # noqa: E731
+    np.testing.assert_array_equal(f(x).numpy(), x_np[index])
+    assert mv.gradcheck(f, x) < 1e-6
+
+
+def test_getitem_repeated_indices_accumulate(device):
+    x = T([10.0, 20.0, 30.0], device)
+    idx = mv.backend.to_device(np.array([0, 2, 0, 0]), device)
+    x[idx].sum().backward()
+    # x[0] was picked three times, x[1] never: a plain assignment would give [1, 0, 1].
+    np.testing.assert_array_equal(mv.backend.to_numpy(x.grad), [3.0, 0.0, 1.0])
+
+
+def test_concatenate(device, rng):
+    parts = [rng.standard_normal((2, n, 3)) for n in (1, 4, 2)]
+    ts = [T(p, device) for p in parts]
+    f = lambda a, b, c: mv.concatenate([a, b, c], axis=1)   # noqa: E731
+    np.testing.assert_array_equal(f(*ts).numpy(), np.concatenate(parts, axis=1))
+    assert mv.gradcheck(f, *ts) < 1e-6
+    with pytest.raises(ValueError, match="at least one"):
+        mv.concatenate([])
+
+
+MATMUL_SHAPES = [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((3, 4), (2, 4, 5)),
+                 ((2, 1, 3, 4), (5, 4, 2)), ((4,), (4, 5)), ((2, 3, 4), (4,)), ((4,), (4,))]
+
+
+@pytest.mark.parametrize("a_shape,b_shape", MATMUL_SHAPES)
+def test_matmul_batched_and_broadcast(a_shape, b_shape, device, rng):
+    a_np, b_np = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+    a, b = T(a_np, device), T(b_np, device)
+    np.testing.assert_allclose((a @ b).numpy(), np.matmul(a_np, b_np), rtol=1e-12)
+    assert mv.gradcheck(lambda a, b: a @ b, a, b) < 1e-6
+
+
+def test_matmul_non_contiguous(device, rng):
+    a_np, b_np = rng.standard_normal((5, 3)).T, rng.standard_normal((2, 5, 4)).swapaxes(1, 2)
+    a, b = T(a_np, device), T(b_np, device)   # (3, 5) and (2, 4, 5)
+    f = lambda a, b: a @ b.swapaxes(-1, -2)   # noqa: E731
+    np.testing.assert_allclose(f(a, b).numpy(), a_np @ b_np.swapaxes(1, 2), rtol=1e-12)
+    assert mv.gradcheck(f, a, b) < 1e-6
+
+
+def test_matmul_shape_error(device):
+    with pytest.raises(ValueError, match=r"shapes \(2, 3\) and \(4, 5\) do not match"):
+        T(np.ones((2, 3)), device) @ T(np.ones((4, 5)), device)
+
+
+def test_unbroadcast_sums_copies():
+    g = np.ones((2, 3, 4))
+    assert unbroadcast(g, (3, 1)).shape == (3, 1)
+    np.testing.assert_array_equal(unbroadcast(g, (3, 1)), np.full((3, 1), 8.0))
+    np.testing.assert_array_equal(unbroadcast(g, ()), 24.0)
+    np.testing.assert_array_equal(unbroadcast(g, (2, 1, 4)), np.full((2, 1, 4), 3.0))
