@@ -1,0 +1,343 @@
+"""im2col, col2im, conv2d and the patch embedding of Eq. 1.
+
+im2col.  Pad x (B, C, H, W) with PH zero rows and PW zero columns on each side; then
+
+    cols[b, (r, s), (i, j, c)] = x_pad[b, c, SH*r + i, SW*s + j]
+
+for every output position (r, s) of the OH x OW grid, OH = (H + 2PH - KH) // SH + 1, and
+every kernel offset (i, j) and channel c (channel fastest).  Each entry of cols is a copy
+of one entry of x (or a padding zero), so im2col is linear, cols = A x, with A a 0/1
+matrix that has one 1 per row (none for rows that read padding).
+
+Why col2im is its backward.  For a loss L with g = dL/dcols, the chain rule gives
+dL/dx = A^T g.  Column (b, c, h, w) of A has a 1 in each row that copied pixel
+(b, c, h, w), i.e. at each (r, s, i, j) with SH*r + i - PH = h and SW*s + j - PW = w:
+
+    dx[b, c, h, w] = sum_{(r, s, i, j): SH*r + i - PH = h, SW*s + j - PW = w} g[b, (r, s), (i, j, c)].
+
+That is col2im: every column entry is added back onto the pixel it came from, pixels
+shared by overlapping windows collect one term per window, and entries that came from
+the padding are dropped (the padding is a constant, not part of x).  Being A^T,
+col2im's own backward is (A^T)^T = A, im2col.
+
+A^T is the adjoint of A: for every x and c,
+
+    <im2col(x), c> = <A x, c> = <x, A^T c> = <x, col2im(c)>,
+
+which the tests check directly, next to gradient checks of both directions.
+
+conv2d and Eq. 1.  y[b, d, r, s] = sum_{i,j,c} x_pad[b, c, SH*r + i, SW*s + j] w[i, j, c, d]
+is row (r, s) of im2col(x) times column d of w reshaped to (KH*KW*C, D), because the
+row order (i, j, c) is the memory order of w's first three axes.  With kernel = stride
+= P and no padding the windows are the patches x_p of the paper, so the patch
+embedding x_p E (Eq. 1) is that convolution with w = E.reshape(P, P, C, D) -- the
+layout of the official ViT kernel.  For 224 x 224 x 3 images and P = 16 this gives
+N = 224^2 / 16^2 = 196 patches of 16 * 16 * 3 = 768 values: 196 * 768 = 150528 =
+224 * 224 * 3, every pixel exactly once.
+"""
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit.ops.patch import col2im, conv2d, im2col, patch_embed, patchify, unpatchify
+
+# (x shape, kernel, stride, padding): overlapping windows with padding, the patch case
+# kernel = stride = P, rectangular options, and windows that skip the last row/column.
+GEOMETRIES = [
+    ((2, 3, 7, 6), 3, 2, 1),
+    ((2, 3, 8, 12), 4, 4, 0),
+    ((1, 2, 5, 7), (2, 3), (1, 2), (0, 1)),
+    ((2, 2, 6, 6), 3, 2, 0),
+]
+
+
+def pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def out_size(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+def loop_im2col(x, kernel, stride, padding):
+    """cols[b, (r, s), (i, j, c)] = x_pad[b, c, SH*r + i, SW*s + j], one entry at a time."""
+    (kh, kw), (sh, sw), (ph, pw) = pair(kernel), pair(stride), pair(padding)
+    B, C, H, W = x.shape
+    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh, ow = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+    cols = np.zeros((B, oh * ow, kh * kw * C), dtype=x.dtype)
+    for b in range(B):
+        for r in range(oh):
+            for s in range(ow):
+                row = [x_pad[b, c, sh * r + i, sw * s + j]
+                       for i in range(kh) for j in range(kw) for c in range(C)]
+                cols[b, r * ow + s] = row
+    return cols
+
+
+def loop_col2im(cols, image_shape, kernel, stride, padding):
+    """Add every column entry back onto the pixel it names; drop the padding."""
+    (kh, kw), (sh, sw), (ph, pw) = pair(kernel), pair(stride), pair(padding)
+    B, C, H, W = image_shape
+    oh, ow = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+    x_pad = np.zeros((B, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    for b in range(B):
+        for r in range(oh):
+            for s in range(ow):
+                k = 0
+                for i in range(kh):
+                    for j in range(kw):
+                        for c in range(C):
+                            x_pad[b, c, sh * r + i, sw * s + j] += cols[b, r * ow + s, k]
+                            k += 1
+    return x_pad[:, :, ph:ph + H, pw:pw + W]
+
+
+def loop_conv2d(x, w, bias, stride, padding):
+    """y[b, d, r, s] = sum_{i,j,c} x_pad[b, c, SH*r + i, SW*s + j] w[i, j, c, d] + bias[d]."""
+    (sh, sw), (ph, pw) = pair(stride), pair(padding)
+    kh, kw, C, D = w.shape
+    B, _, H, W = x.shape
+    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh, ow = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
+    y = np.zeros((B, D, oh, ow))
+    for b in range(B):
+        for d in range(D):
+            for r in range(oh):
+                for s in range(ow):
+                    total = 0.0 if bias is None else bias[d]
+                    for i in range(kh):
+                        for j in range(kw):
+                            for c in range(C):
+                                total += x_pad[b, c, sh * r + i, sw * s + j] * w[i, j, c, d]
+                    y[b, d, r, s] = total
+    return y
+
+
+def loop_patch_embed(x, kernel, bias, P):
+    """z[b, n, d] = sum_{i,j,c} x[b, c, P*gr + i, P*gc + j] kernel[i, j, c, d] + bias[d],
+    n = gr * (W/P) + gc: the official (P, P, C, D) kernel applied patch by patch."""
+    B, C, H, W = x.shape
+    D = kernel.shape[3]
+    gh, gw = H // P, W // P
+    z = np.zeros((B, gh * gw, D))
+    for b in range(B):
+        for gr in range(gh):
+            for gc in range(gw):
+                patch = x[b, :, P * gr:P * gr + P, P * gc:P * gc + P]      # (C, P, P)
+                for d in range(D):
+                    z[b, gr * gw + gc, d] = bias[d] + sum(
+                        patch[c, i, j] * kernel[i, j, c, d]
+                        for i in range(P) for j in range(P) for c in range(C))
+    return z
+
+
+# --- im2col and col2im forward ---------------------------------------------------------
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES)
+def test_im2col_matches_loops(device, rng, shape, kernel, stride, padding):
+    x = rng.standard_normal(shape)
+    cols = im2col(mv.tensor(x, device=device), kernel, stride, padding)
+    (kh, kw), (sh, sw), (ph, pw) = pair(kernel), pair(stride), pair(padding)
+    oh, ow = out_size(shape[2], kh, sh, ph), out_size(shape[3], kw, sw, pw)
+    assert cols.shape == (shape[0], oh * ow, kh * kw * shape[1])
+    np.testing.assert_array_equal(cols.numpy(), loop_im2col(x, kernel, stride, padding))
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES)
+def test_col2im_matches_loops(device, rng, shape, kernel, stride, padding):
+    cols = loop_im2col(np.zeros(shape), kernel, stride, padding)
+    cols = rng.standard_normal(cols.shape)
+    x = col2im(mv.tensor(cols, device=device), shape, kernel, stride, padding)
+    assert x.shape == shape
+    np.testing.assert_allclose(x.numpy(), loop_col2im(cols, shape, kernel, stride, padding),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_col2im_of_im2col_counts_windows(device):
+    # col2im(im2col(1)) = how many 3x3 windows (stride 1, padding 1) cover each pixel:
+    # 9 inside, 6 on an edge, 4 in a corner of a 5x5 image.
+    ones = mv.tensor(np.ones((1, 1, 5, 5)), device=device)
+    counts = col2im(im2col(ones, 3, 1, 1), (1, 1, 5, 5), 3, 1, 1).numpy()[0, 0]
+    expected = np.full((5, 5), 9.0)
+    expected[0, :] = expected[-1, :] = expected[:, 0] = expected[:, -1] = 6
+    expected[0, 0] = expected[0, -1] = expected[-1, 0] = expected[-1, -1] = 4
+    np.testing.assert_array_equal(counts, expected)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES)
+def test_adjoint_identity(device, rng, shape, kernel, stride, padding):
+    # <im2col(x), c> == <x, col2im(c)> for random x and c
+    x = rng.standard_normal(shape)
+    c = rng.standard_normal(loop_im2col(x, kernel, stride, padding).shape)
+    lhs = (im2col(mv.tensor(x, device=device), kernel, stride, padding).numpy() * c).sum()
+    rhs = (x * col2im(mv.tensor(c, device=device), shape, kernel, stride, padding).numpy()).sum()
+    assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+
+
+# --- gradient checks (float64) ---------------------------------------------------------
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES[:3])
+def test_gradcheck_im2col(device, rng, shape, kernel, stride, padding):
+    x = mv.tensor(rng.standard_normal(shape), requires_grad=True, device=device)
+    mv.gradcheck(lambda x: im2col(x, kernel, stride, padding), x)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES[:3])
+def test_gradcheck_col2im(device, rng, shape, kernel, stride, padding):
+    cols = loop_im2col(np.zeros(shape), kernel, stride, padding)
+    c = mv.tensor(rng.standard_normal(cols.shape), requires_grad=True, device=device)
+    mv.gradcheck(lambda c: col2im(c, shape, kernel, stride, padding), c)
+
+
+def test_im2col_backward_is_col2im(device, rng):
+    x = mv.tensor(rng.standard_normal((2, 3, 7, 6)), requires_grad=True, device=device)
+    cols = im2col(x, 3, 2, 1)
+    g = rng.standard_normal(cols.shape)
+    cols.backward(mv.tensor(g, device=device))
+    np.testing.assert_allclose(mv.backend.to_numpy(x.grad),
+                               loop_col2im(g, (2, 3, 7, 6), 3, 2, 1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((2, 1), (1, 2))])
+def test_gradcheck_conv2d(device, rng, stride, padding):
+    x = mv.tensor(rng.standard_normal((2, 2, 5, 5)), requires_grad=True, device=device)
+    w = mv.tensor(rng.standard_normal((3, 3, 2, 3)), requires_grad=True, device=device)
+    b = mv.tensor(rng.standard_normal(3), requires_grad=True, device=device)
+    mv.gradcheck(lambda x, w, b: conv2d(x, w, b, stride, padding), x, w, b)
+
+
+def test_gradcheck_patch_embed(device, rng):
+    x = mv.tensor(rng.standard_normal((2, 3, 4, 6)), requires_grad=True, device=device)
+    E = mv.tensor(rng.standard_normal((2 * 2 * 3, 5)), requires_grad=True, device=device)
+    b = mv.tensor(rng.standard_normal(5), requires_grad=True, device=device)
+    mv.gradcheck(lambda x, E, b: patch_embed(x, E, b, 2), x, E, b)
+
+
+# --- conv2d and the patch embedding ----------------------------------------------------
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((2, 1), (1, 2))])
+def test_conv2d_matches_loops(device, rng, stride, padding):
+    x, w, b = (rng.standard_normal((2, 2, 6, 5)), rng.standard_normal((3, 2, 2, 4)),
+               rng.standard_normal(4))
+    y = conv2d(mv.tensor(x, device=device), mv.tensor(w, device=device),
+               mv.tensor(b, device=device), stride, padding)
+    np.testing.assert_allclose(y.numpy(), loop_conv2d(x, w, b, stride, padding),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_patchify_equals_im2col_with_kernel_stride_p(device, rng):
+    x = rng.standard_normal((2, 3, 8, 12))
+    xa = mv.tensor(x, requires_grad=True, device=device)
+    xb = mv.tensor(x, requires_grad=True, device=device)
+    pa, pb = patchify(xa, 4), im2col(xb, 4, 4, 0)
+    np.testing.assert_array_equal(pa.numpy(), pb.numpy())
+    g = mv.tensor(rng.standard_normal(pa.shape), device=device)
+    pa.backward(g)
+    pb.backward(g)
+    np.testing.assert_array_equal(mv.backend.to_numpy(xa.grad), mv.backend.to_numpy(xb.grad))
+
+
+def test_patch_embed_equals_strided_conv_and_loops(device, rng):
+    P, C, D = 4, 3, 5
+    x = rng.standard_normal((2, C, 8, 12))
+    kernel, bias = rng.standard_normal((P, P, C, D)), rng.standard_normal(D)
+    z = patch_embed(mv.tensor(x, device=device), mv.tensor(kernel.reshape(P * P * C, D),
+                    device=device), mv.tensor(bias, device=device), P)
+    assert z.shape == (2, 6, D)
+    y = conv2d(mv.tensor(x, device=device), mv.tensor(kernel, device=device),
+               mv.tensor(bias, device=device), stride=P)            # (B, D, H/P, W/P)
+    y = y.numpy().reshape(2, D, 6).transpose(0, 2, 1)               # (B, N, D)
+    np.testing.assert_allclose(z.numpy(), y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(z.numpy(), loop_patch_embed(x, kernel, bias, P),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_official_kernel_layout(device, rng):
+    # The official ViT stores the embedding as a conv kernel[i, j, c, d] of shape
+    # (P, P, C, D); reshaped as is to (P*P*C, D) it is the E of Eq. 1.
+    P, C, D = 2, 3, 4
+    x = rng.standard_normal((1, C, 4, 6))
+    kernel, bias = rng.standard_normal((P, P, C, D)), rng.standard_normal(D)
+    E = kernel.reshape(P * P * C, D)
+    z = patch_embed(mv.tensor(x, device=device), mv.tensor(E, device=device),
+                    mv.tensor(bias, device=device), P).numpy()
+    np.testing.assert_allclose(z, loop_patch_embed(x, kernel, bias, P), rtol=1e-12, atol=1e-12)
+    # a wrong flattening order (channel slowest, as PyTorch's (D, C, P, P) would give)
+    # is a different map: the test above could fail
+    E_wrong = kernel.transpose(2, 0, 1, 3).reshape(P * P * C, D)
+    z_wrong = patch_embed(mv.tensor(x, device=device), mv.tensor(E_wrong, device=device),
+                          mv.tensor(bias, device=device), P).numpy()
+    assert not np.allclose(z_wrong, z)
+
+
+def test_vit_base_patch_numbers(device):
+    # 224 x 224 x 3 image, P = 16: 196 patches of 768 values, every pixel exactly once
+    x = mv.tensor(np.zeros((1, 3, 224, 224), dtype=np.float32), device=device)
+    patches = patchify(x, 16)
+    assert patches.shape == (1, 196, 768)
+    assert 196 == (224 // 16) ** 2 and 768 == 16 * 16 * 3
+    assert patches.shape[1] * patches.shape[2] == 150528 == 224 * 224 * 3
+
+
+def test_unpatchify_inverts_patchify(device, rng):
+    x = rng.standard_normal((2, 3, 8, 12))
+    patches = patchify(mv.tensor(x, device=device), 4)
+    np.testing.assert_array_equal(unpatchify(patches, x.shape, 4).numpy(), x)
+    p = rng.standard_normal((2, 6, 48))
+    np.testing.assert_array_equal(
+        patchify(unpatchify(mv.tensor(p, device=device), (2, 3, 8, 12), 4), 4).numpy(), p)
+
+
+# --- float32 stays float32 ---------------------------------------------------------------
+
+def test_float32_in_float32_grads(device, rng):
+    f32 = np.float32
+    x = mv.tensor(rng.standard_normal((2, 3, 8, 8)).astype(f32), requires_grad=True, device=device)
+    w = mv.tensor(rng.standard_normal((3, 3, 3, 4)).astype(f32), requires_grad=True, device=device)
+    b = mv.tensor(rng.standard_normal(4).astype(f32), requires_grad=True, device=device)
+    E = mv.tensor(rng.standard_normal((48, 4)).astype(f32), requires_grad=True, device=device)
+    c = mv.tensor(rng.standard_normal((2, 16, 27)).astype(f32), requires_grad=True, device=device)
+    outputs = [conv2d(x, w, b, stride=2, padding=1), patch_embed(x, E, b, 4),
+               unpatchify(patchify(x, 4), (2, 3, 8, 8), 4),
+               col2im(c, (2, 3, 8, 8), 3, 2, 1), im2col(x, 3, 2, 1)]
+    for y in outputs:
+        assert y.dtype == np.float32
+        y.backward(mv.tensor(np.ones(y.shape, dtype=f32), device=device))
+    for t in (x, w, b, E, c):
+        assert t.grad.dtype == np.float32
+
+
+# --- bad input -------------------------------------------------------------------------
+
+def test_patchify_needs_divisible_sizes(device):
+    x = mv.tensor(np.zeros((1, 3, 30, 32)), device=device)
+    with pytest.raises(ValueError, match=r"H=30 and width W=32 .*patch size P=16"):
+        patchify(x, 16)
+    with pytest.raises(ValueError, match=r"H=30 and width W=32 .*patch size P=16"):
+        patch_embed(x, np.zeros((768, 8)), None, 16)
+
+
+def test_bad_input_messages(device):
+    x = mv.tensor(np.zeros((1, 3, 8, 8)), device=device)
+    with pytest.raises(ValueError, match=r"shape \(B, C, H, W\), got shape \(3, 8, 8\)"):
+        im2col(mv.tensor(np.zeros((3, 8, 8)), device=device), 3)
+    with pytest.raises(ValueError, match=r"kernel \(9, 9\) is larger than the padded image"):
+        im2col(x, 9)
+    with pytest.raises(ValueError, match=r"stride must be >= 1"):
+        im2col(x, 3, stride=0)
+    with pytest.raises(TypeError, match=r"kernel must be an int or a pair"):
+        im2col(x, 2.5)
+    with pytest.raises(ValueError, match=r"have shape \(1, 64, 27\), got \(1, 64, 9\)"):
+        col2im(mv.tensor(np.zeros((1, 64, 9)), device=device), (1, 3, 8, 8), 3, 1, 1)
+    with pytest.raises(ValueError, match=r"same C_in, got x \(1, 3, 8, 8\) and weight "
+                                         r"\(3, 3, 2, 4\)"):
+        conv2d(x, mv.tensor(np.zeros((3, 3, 2, 4)), device=device))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\), got \(3,\)"):
+        conv2d(x, mv.tensor(np.zeros((3, 3, 3, 4)), device=device),
+               mv.tensor(np.zeros(3), device=device))
+    with pytest.raises(ValueError, match=r"E must have shape \(P\*P\*C, D\) = \(48, D\)"):
+        patch_embed(x, mv.tensor(np.zeros((12, 4)), device=device), None, 4)
+    with pytest.raises(ValueError, match=r"patches of images \(1, 3, 8, 8\) .* have shape "
+                                         r"\(1, 4, 48\), got \(1, 4, 12\)"):
+        unpatchify(mv.tensor(np.zeros((1, 4, 12)), device=device), (1, 3, 8, 8), 4)
