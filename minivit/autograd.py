@@ -282,6 +282,9 @@ def backward_walk(root, grad, retain_graph=False):
             if tuple(gx.shape) != tuple(x.shape):
                 raise RuntimeError(f"{type(fn).__name__}.backward returned a gradient of shape "
                                    f"{tuple(gx.shape)} for an input of shape {x.shape}")
+            if gx.dtype != x.dtype:
+                raise RuntimeError(f"{type(fn).__name__}.backward returned a {gx.dtype} gradient "
+                                   f"for a {x.dtype} input (a gradient keeps its input's dtype)")
             _accumulate(grads, x, gx)
         if not retain_graph:       # release the graph: the Function and what it saved
             t.creator = None

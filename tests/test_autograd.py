@@ -181,3 +181,16 @@ def test_ndarray_on_the_left_defers_to_tensor(device):
     assert isinstance(y, mv.Tensor)
     y.sum().backward()
     np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [3.0, 4.0])
+
+
+def test_a_wrong_gradient_dtype_is_reported(device):
+    class Promotes(Function):
+        def forward(self, x):
+            return x * 2
+
+        def backward(self, g):
+            return g.astype("float64") * 2
+
+    x = mv.tensor(np.ones(2, np.float32), requires_grad=True, device=device)
+    with pytest.raises(RuntimeError, match="returned a float64 gradient for a float32 input"):
+        Promotes()(x).sum().backward()

@@ -372,7 +372,8 @@ class MatMul(Function):
                              f"{a.shape} and {b.shape}")
         if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match: the last "
-                             f"axis of a ({a.shape[-1]}) must equal the second-to-last of b")
+                             f"axis of a ({a.shape[-1]}) must equal the "
+                             f"{'second-to-last' if b.ndim > 1 else 'only'} axis of b")
         self.a, self.b = a, b
         return a @ b
 
