@@ -31,8 +31,8 @@ class GradcheckError(AssertionError):
 
 def _float64_copy(x):
     """A float64 copy of a floating tensor (keeping its memory layout, so a transposed
-    view stays non-contiguous); anything else is passed through unchanged."""
-    if isinstance(x, Tensor) and backend.is_floating(x.data):
+    view stays non-contiguous); float64 tensors and anything else pass through unchanged."""
+    if isinstance(x, Tensor) and backend.is_floating(x.data) and x.dtype != "float64":
         return Tensor(x.data.astype("float64", order="K", copy=True),
                       requires_grad=x.requires_grad)
     return x
@@ -66,6 +66,9 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
     Returns the largest such relative error; raises GradcheckError naming the input,
     the worst entry, both values and the error when a check fails.
     `fn` must be deterministic (fix dropout masks with a seed inside it).
+    Float32 inputs are checked through float64 copies; float64 inputs are used as they
+    are (perturbed in place and restored, their .grad left as it was), so the
+    parameters of a model cast to float64 can be checked where the model reads them.
     """
     args = [_float64_copy(x) for x in inputs]
     checked = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.requires_grad]
@@ -77,7 +80,18 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
         raise ValueError("gradcheck: fn must return a Tensor computed from the inputs that "
                          f"require grad, got {type(y).__name__}")
     cotangent = backend.random_normal(y.shape, seed, like=y.data)
-    y.backward(cotangent)
+    saved_grads = [args[i].grad for i in checked]     # float64 inputs are the caller's own
+    for i in checked:
+        args[i].grad = None
+    try:
+        y.backward(cotangent)
+        return _compare(fn, args, checked, cotangent, eps, atol, rtol)
+    finally:
+        for i, grad in zip(checked, saved_grads):
+            args[i].grad = grad
+
+
+def _compare(fn, args, checked, cotangent, eps, atol, rtol):
 
     def phi():
         with no_grad():

@@ -1,0 +1,292 @@
+"""The Vision Transformer, as in Section 3.1 of the paper (Eq. 1-4).
+
+    z_0  = [x_class; x_p^1 E; ...; x_p^N E] + E_pos       (1)  patch + position embedding
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1},     l = 1..L        (2)  attention, pre-norm, residual
+    z_l  = MLP(LN(z'_l)) + z'_l,           l = 1..L        (3)  MLP, pre-norm, residual
+    y    = LN(z_L^0)                                       (4)  the [CLS] output, normalised
+
+followed by the classification head (a Linear layer, zero at first; optionally a
+"pre-logits" Linear + tanh before it).  Details the paper leaves open follow the
+official code (google-research/vision_transformer): LayerNorm eps 1e-6, [CLS] at
+position 0, learned 1D position embeddings ~ N(0, 0.02^2), dropout after the
+embeddings, after attention and inside the MLP, and the final LayerNorm applied to
+every token.  With classifier="gap" there is no [CLS] token: the head reads the mean
+of the N patch outputs (the paper's Appendix D.3).
+"""
+import math
+from dataclasses import asdict, dataclass, replace
+
+from minivit import backend
+from minivit.nn.layers import (GELU, Dropout, LayerNorm, Linear, RandomSource, host_generator,
+                               normal, param, zeros)
+from minivit.nn.module import Module
+from minivit.ops.activation import GELU_APPROXIMATIONS
+from minivit.ops.attention import attention, merge_heads, split_heads
+from minivit.ops.basic import broadcast_to, concatenate, tanh
+from minivit.ops.patch import patch_embed
+
+CLASSIFIERS = ("token", "gap")
+POSITION_EMBEDDINGS = ("learned", "sincos2d", "none")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes a model's shape and behaviour (the names of Table 1)."""
+    image_size: int = 224
+    patch_size: int = 16
+    num_classes: int = 1000
+    hidden_size: int = 768          # D
+    depth: int = 12                 # L, the number of encoder blocks
+    num_heads: int = 12             # k
+    mlp_dim: int = 3072             # the MLP's hidden width
+    in_channels: int = 3
+    classifier: str = "token"       # "token" ([CLS]) or "gap" (mean of the patch outputs)
+    representation_size: int = None  # width of the pre-logits layer, None for none
+    pos_embed: str = "learned"      # "learned", "sincos2d" or "none" (Appendix D.4)
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    gelu: str = "erf"               # "erf" (exact) or "tanh" (the official code's)
+
+    def __post_init__(self):
+        def fail(what):
+            raise ValueError(f"ViTConfig: {what}")
+        if self.image_size % self.patch_size:
+            fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            fail(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.classifier not in CLASSIFIERS:
+            fail(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        if self.pos_embed not in POSITION_EMBEDDINGS:
+            fail(f"pos_embed must be one of {POSITION_EMBEDDINGS}, got {self.pos_embed!r}")
+        if self.pos_embed == "sincos2d" and self.hidden_size % 4:
+            fail(f"sincos2d position embeddings need hidden_size divisible by 4, "
+                 f"got {self.hidden_size}")
+        if self.gelu not in GELU_APPROXIMATIONS:
+            fail(f"gelu must be one of {GELU_APPROXIMATIONS}, got {self.gelu!r}")
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self):
+        return self.num_patches + (self.classifier == "token")
+
+
+def _model(hidden_size, depth, num_heads, mlp_dim, patch_size, **overrides):
+    return dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                patch_size=patch_size, **overrides)
+
+
+# Table 1 of the paper (and Ti/S from the official repository), at 224 px, ImageNet's
+# 1000 classes; and small models for CIFAR-10's 32x32 images with 4x4 patches.
+PRESETS = {
+    "Ti/16": _model(192, 12, 3, 768, 16),
+    "S/16": _model(384, 12, 6, 1536, 16),
+    "B/16": _model(768, 12, 12, 3072, 16),
+    "B/32": _model(768, 12, 12, 3072, 32),
+    "L/16": _model(1024, 24, 16, 4096, 16),
+    "L/32": _model(1024, 24, 16, 4096, 32),
+    "H/14": _model(1280, 32, 16, 5120, 14),
+    "cifar-tiny": _model(64, 4, 4, 128, 4, image_size=32, num_classes=10),
+    "cifar-small": _model(192, 6, 3, 384, 4, image_size=32, num_classes=10),
+    "cifar-base": _model(384, 7, 12, 384 * 3, 4, image_size=32, num_classes=10),
+}
+
+
+def preset(name, **overrides):
+    """The ViTConfig of a named preset (see PRESETS), with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(ViTConfig(**PRESETS[name]), **overrides)
+
+
+def count_parameters(config):
+    """The number of learned parameters of a config, from its shapes alone (nothing allocated)."""
+    c = config
+    D, M, P = c.hidden_size, c.mlp_dim, c.patch_size
+    embed = P * P * c.in_channels * D + D                     # E and its bias
+    cls = D if c.classifier == "token" else 0
+    pos = c.num_tokens * D if c.pos_embed == "learned" else 0
+    block = (2 * D                                            # LN before MSA
+             + D * 3 * D + 3 * D + D * D + D                  # U_qkv, U_msa and biases
+             + 2 * D                                          # LN before MLP
+             + D * M + M + M * D + D)                         # the MLP's two layers
+    head_in = c.representation_size or D
+    pre_logits = D * head_in + head_in if c.representation_size else 0
+    head = head_in * c.num_classes + c.num_classes
+    return embed + cls + pos + c.depth * block + 2 * D + pre_logits + head
+
+
+def sincos_2d_position_embedding(grid_size, dim, temperature=10000.0):
+    """Fixed 2D sin-cos position embeddings of a grid_size x grid_size patch grid, (N, dim).
+
+    A quarter of the features each are sin(x w), cos(x w), sin(y w), cos(y w) for the
+    patch's column x and row y, at frequencies w_k = temperature^(-k / (dim/4 - 1)),
+    as in the official big_vision code.
+    """
+    np_ = backend.module_for("cpu")          # computed once, on the host
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (np_.arange(quarter) / max(quarter - 1, 1))
+    y, x = np_.meshgrid(np_.arange(grid_size), np_.arange(grid_size), indexing="ij")
+    x = x.reshape(-1, 1) * omega
+    y = y.reshape(-1, 1) * omega
+    return np_.concatenate([np_.sin(x), np_.cos(x), np_.sin(y), np_.cos(y)], axis=1)
+
+
+# --- the blocks -----------------------------------------------------------------------
+
+class PatchEmbedding(Module):
+    """x_p E + b: every P x P patch, flattened as (row, column, channel), mapped to D (Eq. 1)."""
+
+    def __init__(self, patch_size, in_channels, hidden_size, rng):
+        fan_in = patch_size * patch_size * in_channels
+        self.patch_size = patch_size
+        self.kernel = param(normal(rng, (fan_in, hidden_size), math.sqrt(1 / fan_in)))
+        self.bias = param(zeros((hidden_size,)))
+
+    def forward(self, images):
+        return patch_embed(images, self.kernel, self.bias, self.patch_size)
+
+
+class MultiHeadSelfAttention(Module):
+    """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with [q, k, v] = z U_qkv (Appendix A)."""
+
+    def __init__(self, hidden_size, num_heads, attention_dropout, rng, random_source):
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.random_source = random_source
+        self.qkv = Linear(hidden_size, 3 * hidden_size, rng)        # U_qkv: (D, 3D)
+        self.out = Linear(hidden_size, hidden_size, rng)            # U_msa: (D, D)
+
+    def forward(self, z, return_weights=False):
+        B, T, D = z.shape
+        qkv = self.qkv(z)
+        q, k, v = (split_heads(qkv[:, :, i * D:(i + 1) * D], self.num_heads) for i in range(3))
+        mask = None
+        if self.training and self.attention_dropout > 0:
+            p = self.attention_dropout
+            rng = self.random_source.get(z.device)
+            mask = (rng.random((B, self.num_heads, T, T), dtype="float32") >= p) / (1 - p)
+        out = attention(q, k, v, dropout_mask=mask, return_weights=return_weights)
+        out, weights = out if return_weights else (out, None)
+        y = self.out(merge_heads(out))
+        return (y, weights) if return_weights else y
+
+
+class MLP(Module):
+    """Linear(D -> M), GELU, dropout, Linear(M -> D), dropout (the paper's Eq. 3 MLP)."""
+
+    def __init__(self, hidden_size, mlp_dim, dropout, gelu, rng, random_source):
+        self.fc1 = Linear(hidden_size, mlp_dim, rng, bias_std=1e-6)
+        self.act = GELU(gelu)
+        self.drop1 = Dropout(dropout, random_source)
+        self.fc2 = Linear(mlp_dim, hidden_size, rng, bias_std=1e-6)
+        self.drop2 = Dropout(dropout, random_source)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class EncoderBlock(Module):
+    """One Transformer encoder layer with pre-LayerNorm and residuals (Eq. 2-3)."""
+
+    def __init__(self, config, rng, random_source):
+        c = config
+        self.norm1 = LayerNorm(c.hidden_size)
+        self.attn = MultiHeadSelfAttention(c.hidden_size, c.num_heads, c.attention_dropout,
+                                           rng, random_source)
+        self.drop = Dropout(c.dropout, random_source)
+        self.norm2 = LayerNorm(c.hidden_size)
+        self.mlp = MLP(c.hidden_size, c.mlp_dim, c.dropout, c.gelu, rng, random_source)
+
+    def forward(self, z, return_weights=False):
+        a = self.attn(self.norm1(z), return_weights=return_weights)
+        a, weights = a if return_weights else (a, None)
+        z = self.drop(a) + z                              # Eq. 2
+        z = self.mlp(self.norm2(z)) + z                   # Eq. 3
+        return (z, weights) if return_weights else z
+
+
+class VisionTransformer(Module):
+    """ViT: NCHW images (B, C, H, W) in, logits (B, num_classes) out.
+
+    Build it from a ViTConfig, a preset name, or keyword arguments:
+        VisionTransformer(preset("B/16"))
+        VisionTransformer("cifar-small", num_classes=10)
+        VisionTransformer(image_size=32, patch_size=4, num_classes=10, hidden_size=192, ...)
+    `seed` fixes the initial values (drawn on the host, the same on either backend)
+    and the dropout masks.
+    """
+
+    def __init__(self, config=None, seed=0, **fields):
+        if isinstance(config, str):
+            config = preset(config, **fields)
+        elif config is None:
+            config = ViTConfig(**fields)
+        elif fields:
+            config = replace(config, **fields)
+        self.config = c = config
+        rng, self.random_source = host_generator(seed), RandomSource(seed)
+        grid = c.image_size // c.patch_size
+
+        self.patch_embed = PatchEmbedding(c.patch_size, c.in_channels, c.hidden_size, rng)
+        self.cls_token = param(zeros((1, 1, c.hidden_size))) if c.classifier == "token" else None
+        self.pos_embed = None
+        if c.pos_embed == "learned":
+            self.pos_embed = param(normal(rng, (1, c.num_tokens, c.hidden_size), 0.02))
+        elif c.pos_embed == "sincos2d":                    # fixed: a buffer, not a Parameter
+            table = sincos_2d_position_embedding(grid, c.hidden_size)
+            if c.classifier == "token":                    # [CLS] gets a zero embedding
+                table = backend.module_for("cpu").concatenate([zeros((1, c.hidden_size)), table])
+            self.pos_embed = backend.asarray(table[None], dtype="float32")
+        self.embed_drop = Dropout(c.dropout, self.random_source)
+        self.blocks = [EncoderBlock(c, rng, self.random_source) for _ in range(c.depth)]
+        self.norm = LayerNorm(c.hidden_size)
+        self.pre_logits = None
+        if c.representation_size:
+            self.pre_logits = Linear(c.hidden_size, c.representation_size, rng,
+                                     init="lecun_normal")
+        self.head = Linear(c.representation_size or c.hidden_size, c.num_classes, rng,
+                           init="zeros")
+
+    def embed(self, images):
+        """z_0 of Eq. 1: patch embeddings, the [CLS] token in front, plus E_pos."""
+        c = self.config
+        if images.ndim != 4 or images.shape[1:] != (c.in_channels, c.image_size, c.image_size):
+            raise ValueError(f"VisionTransformer expects images of shape (B, {c.in_channels}, "
+                             f"{c.image_size}, {c.image_size}), got {tuple(images.shape)}")
+        z = self.patch_embed(images)                                     # (B, N, D)
+        if self.cls_token is not None:
+            cls = broadcast_to(self.cls_token, (z.shape[0], 1, c.hidden_size))
+            z = concatenate([cls, z], axis=1)                            # (B, N+1, D)
+        if self.pos_embed is not None:
+            z = z + self.pos_embed
+        return self.embed_drop(z)
+
+    def features(self, images, return_attention=False):
+        """The normalised representation the head reads (Eq. 4), (B, D); with
+        return_attention=True also each block's attention weights (B, heads, T, T)."""
+        z = self.embed(images)
+        maps = []
+        for block in self.blocks:
+            z = block(z, return_weights=return_attention)
+            if return_attention:
+                z, weights = z
+                maps.append(weights)
+        z = self.norm(z)
+        y = z[:, 0] if self.config.classifier == "token" else z.mean(axis=1)
+        return (y, maps) if return_attention else y
+
+    def forward(self, images, return_attention=False):
+        y = self.features(images, return_attention)
+        y, maps = y if return_attention else (y, None)
+        if self.pre_logits is not None:
+            y = tanh(self.pre_logits(y))
+        logits = self.head(y)
+        return (logits, maps) if return_attention else logits
+
+    def describe(self):
+        c = self.config
+        fields = ", ".join(f"{k}={v}" for k, v in asdict(c).items())
+        return f"VisionTransformer({fields}): {count_parameters(c):,} parameters"

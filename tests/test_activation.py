@@ -1,0 +1,376 @@
+"""Activations: erf, GELU, softmax, log-softmax, dropout.
+
+erf.  NumPy has no erf, so minivit evaluates W. J. Cody's rational approximations
+(Math. Comp. 1969).  We check it against Python's math.erf (the C library's) on
+points spread over every range of the algorithm, including tiny arguments, the
+range boundaries 0.46875 and 4, the tails where erf rounds to +-1, and +-inf/NaN.
+
+GELU (the MLP non-linearity, ViT Eq. 3).  y = x Phi(x), Phi the standard normal CDF:
+    Phi(x) = (1 + erf(x / sqrt 2)) / 2,    Phi'(x) = phi(x) = exp(-x^2 / 2) / sqrt(2 pi),
+    dy/dx = Phi(x) + x phi(x)                                       (product rule).
+The tanh approximation y = x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3) has
+    dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+
+softmax.  y_i = exp(x_i) / sum_j exp(x_j) has the Jacobian dy_i/dx_k = y_i (delta_ik - y_k).
+Backward needs only the vector-Jacobian product with the incoming g:
+    dx_k = sum_i g_i y_i (delta_ik - y_k) = y_k (g_k - sum_i g_i y_i),
+    dx = y * (g - sum(g * y)).
+Why the check uses a random cotangent g: with g = 1 the true dx is y (1 - sum y) = 0, and
+a backward that forgets the leading y returns 1 - sum y = 0 too; only a random g tells
+them apart (test_a_ones_cotangent_cannot_see_the_missing_y shows it).
+
+log-softmax.  y_i = x_i - log sum_j exp(x_j), dy_i/dx_k = delta_ik - p_k with p = softmax(x):
+    dx = g - p * sum(g).
+Both are computed after subtracting max(x), which they ignore, so logits ~1000 do not
+overflow exp.
+
+dropout.  y = x * m / (1 - p), m_i in {0, 1} kept with probability 1 - p, so E[y] = x; for a
+fixed mask y is linear in x and dx = g * m / (1 - p).  The mask comes from a seeded
+generator, so the same seed gives the same mask (and gradcheck can re-run the function).
+"""
+import math
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import backend
+from minivit.ops.activation import (GELU, Softmax, dropout, erf, gelu, log_softmax,
+                                    softmax)
+
+
+def _t(a, device, requires_grad=True):
+    return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad,
+                     device=device)
+
+
+def _transposed(a, device):
+    """A tensor whose array is a non-contiguous (transposed) view, on `device`."""
+    base = mv.tensor(np.asarray(a, dtype=np.float64), device=device)
+    x = mv.Tensor(base.data.swapaxes(-1, -2), requires_grad=True)
+    assert not x.data.flags.c_contiguous
+    return x
+
+
+# --- erf --------------------------------------------------------------------------------
+
+def _erf_points():
+    tiny = np.logspace(-300, -1, 600)
+    return np.concatenate([
+        np.linspace(-7, 7, 14001),                     # every range, both signs
+        tiny, -tiny, [5e-324, 1e-310, -1e-310],        # tiny, incl. subnormals
+        np.linspace(0.46, 0.48, 201), np.linspace(3.99, 4.01, 201),  # range boundaries
+        np.nextafter(0.46875, [0, 1]), np.nextafter(4.0, [0, 8]),
+        np.linspace(5.8, 6.2, 41), [10.0, 26.0, 1e10, 1e300, -1e300],  # erf rounds to +-1
+    ])
+
+
+def test_erf_matches_math_erf_to_float64_rounding(device):
+    """Cody's approximation is good to a few units in the last place (ulp) of float64."""
+    x = _erf_points()
+    expected = np.array([math.erf(v) for v in x])
+    got = backend.to_numpy(erf(backend.asarray(x, device=device)))
+    assert got.dtype == np.float64
+    ulps = np.abs(got - expected) / np.spacing(np.abs(expected))
+    assert ulps.max() <= 8, f"erf is {ulps.max()} ulp off at x = {x[ulps.argmax()]!r}"
+    rel = np.abs(got - expected) / np.maximum(np.abs(expected), np.finfo(float).tiny)
+    assert rel.max() < 2e-15           # NumPy here: at most 4 ulp, 4.5e-16
+
+
+def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
+    x = _erf_points()
+    x = x[np.abs(x) < 1e30].astype(np.float32)              # float32 holds these
+    expected = np.array([math.erf(float(v)) for v in x])     # erf of the float32 values
+    got = backend.to_numpy(erf(backend.asarray(x, device=device)))
+    assert got.dtype == np.float32
+    ulps32 = np.abs(got - expected) / np.spacing(np.abs(expected).astype(np.float32))
+    assert ulps32.max() <= 8
+    assert np.abs(got - expected).max() < 1e-6
+
+
+def test_erf_special_values(device):
+    got = backend.to_numpy(erf(backend.asarray([0.0, -0.0, np.inf, -np.inf, np.nan],
+                                               device=device)))
+    np.testing.assert_array_equal(got[:4], [0.0, 0.0, 1.0, -1.0])
+    assert np.signbit(got[1]) and np.isnan(got[4])
+    # odd function, and integer input is computed in float64
+    ints = backend.to_numpy(erf(backend.asarray([-2, -1, 0, 1, 2], device=device)))
+    assert ints.dtype == np.float64
+    np.testing.assert_array_equal(ints, -ints[::-1])
+    np.testing.assert_allclose(ints[3:], [math.erf(1), math.erf(2)], rtol=1e-15)
+
+
+# --- GELU -------------------------------------------------------------------------------
+
+def _gelu_erf(v):
+    return v * 0.5 * (1 + math.erf(v / math.sqrt(2)))
+
+
+def _gelu_erf_derivative(v):
+    return 0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(
+        2 * math.pi)
+
+
+def _gelu_tanh(v):
+    return 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+
+
+def test_gelu_forward_matches_the_definition_elementwise(device, rng):
+    x = np.concatenate([rng.standard_normal(200) * 3, [-10, -6, -1, 0, 1e-8, 1, 6, 10]])
+    exact = gelu(_t(x, device)).numpy()
+    tanh = gelu(_t(x, device), approximate="tanh").numpy()
+    np.testing.assert_allclose(exact, [_gelu_erf(v) for v in x], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(tanh, [_gelu_tanh(v) for v in x], rtol=1e-14, atol=1e-15)
+    # the approximation is close to the exact form, but not equal to it
+    assert 1e-5 < np.abs(exact - tanh).max() < 1e-3
+
+
+def test_gelu_backward_is_phi_plus_x_times_density(device, rng):
+    x = rng.standard_normal((4, 7)) * 2
+    g = rng.standard_normal((4, 7))
+    t = _t(x, device)
+    gelu(t).backward(backend.asarray(g, device=device))
+    expected = g * np.vectorize(_gelu_erf_derivative)(x)
+    np.testing.assert_allclose(backend.to_numpy(t.grad), expected, rtol=1e-13, atol=1e-15)
+
+
+def test_gelu_tanh_backward_matches_autograd_of_its_composition(device, rng):
+    """The fused derivative equals what the engine derives from the formula's pieces."""
+    x = rng.standard_normal((3, 2, 5)) * 2
+    g = backend.asarray(rng.standard_normal((3, 2, 5)), device=device)
+    a, b = _t(x, device), _t(x, device)
+    ya = gelu(a, approximate="tanh")
+    yb = 0.5 * b * (1 + mv.tanh(math.sqrt(2 / math.pi) * (b + 0.044715 * b ** 3)))
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14, atol=1e-15)
+    ya.backward(g)
+    yb.backward(g)
+    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("approximate", ["erf", "tanh"])
+def test_gelu_gradcheck(device, rng, approximate):
+    x = _t(rng.standard_normal((2, 3, 5)) * 2, device)
+    assert mv.gradcheck(lambda x: gelu(x, approximate), x) < 1e-6
+    xt = _transposed(rng.standard_normal((3, 4)) * 2, device)
+    assert mv.gradcheck(lambda x: gelu(x, approximate), xt) < 1e-6
+
+
+class GELUForgetsTheDensity(GELU):
+    """Wrong on purpose: dx = g Phi(x), the product rule's x phi(x) term dropped."""
+
+    def backward(self, g):
+        return g * self.cdf
+
+
+def test_gradcheck_catches_a_gelu_without_the_density_term(device, rng):
+    x = _t(rng.standard_normal((2, 3)), device)
+    with pytest.raises(mv.GradcheckError):
+        mv.gradcheck(lambda x: GELUForgetsTheDensity()(x), x)
+
+
+def test_gelu_keeps_float32(device, rng):
+    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
+                  device=device)
+    for approximate in ("erf", "tanh"):
+        x.grad = None
+        y = gelu(x, approximate)
+        y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
+        assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+def test_gelu_rejects_an_unknown_approximation(device):
+    with pytest.raises(ValueError, match=r"approximate must be one of \('erf', 'tanh'\).*"
+                                         r"got 'none'"):
+        gelu(_t([1.0], device), approximate="none")
+
+
+# --- softmax and log-softmax ------------------------------------------------------------
+
+def _softmax_composed(x, axis):
+    e = mv.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+def test_softmax_matches_exp_over_sum_forward_and_backward(device, rng, axis):
+    x = rng.standard_normal((2, 3, 5))
+    g = backend.asarray(rng.standard_normal((2, 3, 5)), device=device)
+    a, b = _t(x, device), _t(x, device)
+    ya, yb = softmax(a, axis=axis), _softmax_composed(b, axis)
+    expected = np.exp(x) / np.exp(x).sum(axis=axis, keepdims=True)
+    np.testing.assert_allclose(ya.numpy(), expected, rtol=1e-14)
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14)
+    ya.backward(g)
+    yb.backward(g)
+    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+                               rtol=1e-11, atol=1e-14)
+
+
+def test_softmax_backward_is_the_jacobian_vector_product(device, rng):
+    """dx = J^T g with J_ik = y_i (delta_ik - y_k), built explicitly for each row."""
+    x, g = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    t = _t(x, device)
+    y = softmax(t)
+    y.backward(backend.asarray(g, device=device))
+    yn = y.numpy()
+    for r in range(3):
+        jacobian = np.diag(yn[r]) - np.outer(yn[r], yn[r])
+        np.testing.assert_allclose(backend.to_numpy(t.grad)[r], jacobian.T @ g[r],
+                                   rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+def test_softmax_gradcheck(device, rng, axis):
+    assert mv.gradcheck(lambda x: softmax(x, axis), _t(rng.standard_normal((2, 3, 5)),
+                                                       device)) < 1e-6
+    xt = _transposed(rng.standard_normal((4, 3)), device)
+    assert mv.gradcheck(lambda x: softmax(x, axis if axis < 2 else -1), xt) < 1e-6
+
+
+class SoftmaxWithoutLeadingY(Softmax):
+    """Wrong on purpose: dx = g - sum(g * y), the leading factor y forgotten."""
+
+    def backward(self, g):
+        return g - (g * self.y).sum(axis=self.axis, keepdims=True)
+
+
+def test_gradcheck_catches_a_softmax_backward_without_the_leading_y(device, rng):
+    x = _t(rng.standard_normal((2, 3, 5)), device)
+    with pytest.raises(mv.GradcheckError):
+        mv.gradcheck(lambda x: SoftmaxWithoutLeadingY(-1)(x), x)
+
+
+def test_a_ones_cotangent_cannot_see_the_missing_y(device, rng):
+    """Why gradcheck seeds a random g: with g = 1 both backwards give 0 (sum y = 1)."""
+    x = rng.standard_normal((2, 5))
+    right, wrong = _t(x, device), _t(x, device)
+    ones = backend.asarray(np.ones((2, 5)), device=device)
+    softmax(right).backward(ones)
+    SoftmaxWithoutLeadingY(-1)(wrong).backward(ones)
+    np.testing.assert_allclose(backend.to_numpy(right.grad), 0, atol=1e-15)
+    np.testing.assert_allclose(backend.to_numpy(wrong.grad), 0, atol=1e-15)
+
+
+def test_softmax_and_log_softmax_are_stable_for_huge_logits(device, rng):
+    """exp(1000) overflows float64; exp(x - max x) cannot."""
+    x = 1000 + rng.standard_normal((4, 6))
+    x[0, 0] = 1e4                                       # one dominant logit
+    s = x - x.max(-1, keepdims=True)                    # NumPy reference on shifted logits
+    expected = {softmax: np.exp(s) / np.exp(s).sum(-1, keepdims=True),
+                log_softmax: s - np.log(np.exp(s).sum(-1, keepdims=True))}
+    for f in (softmax, log_softmax):
+        t = _t(x, device)
+        y = f(t)
+        y.backward(backend.asarray(rng.standard_normal((4, 6)), device=device))
+        assert np.isfinite(y.numpy()).all() and np.isfinite(backend.to_numpy(t.grad)).all()
+        np.testing.assert_allclose(y.numpy(), expected[f], rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(softmax(_t(x, device)).numpy().sum(-1), 1, rtol=1e-14)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_log_softmax_forward_and_backward_match_a_composition(device, rng, axis):
+    x = rng.standard_normal((3, 2, 4))
+    g = backend.asarray(rng.standard_normal((3, 2, 4)), device=device)
+    a, b = _t(x, device), _t(x, device)
+    ya = log_softmax(a, axis)
+    shifted = b - b.max(axis=axis, keepdims=True)
+    yb = shifted - mv.log(mv.exp(shifted).sum(axis=axis, keepdims=True))
+    np.testing.assert_allclose(ya.numpy(), np.log(np.exp(x) / np.exp(x).sum(axis, keepdims=True)),
+                               rtol=1e-13)
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14)
+    ya.backward(g)
+    yb.backward(g)
+    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+                               rtol=1e-11, atol=1e-14)
+
+
+def test_log_softmax_gradcheck(device, rng):
+    assert mv.gradcheck(lambda x: log_softmax(x, 1), _t(rng.standard_normal((2, 3, 5)),
+                                                        device)) < 1e-6
+    assert mv.gradcheck(log_softmax, _transposed(rng.standard_normal((4, 3)), device)) < 1e-6
+
+
+def test_softmax_and_log_softmax_keep_float32(device, rng):
+    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
+                  device=device)
+    for f in (softmax, log_softmax):
+        x.grad = None
+        y = f(x)
+        y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
+        assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+def test_softmax_rejects_a_bad_axis(device):
+    x = _t(np.zeros((2, 3)), device)
+    with pytest.raises(ValueError, match="softmax: axis 2 is out of range for an array with 2"):
+        softmax(x, axis=2)
+    with pytest.raises(ValueError, match="log_softmax: axis -3 is out of range"):
+        log_softmax(x, axis=-3)
+    with pytest.raises(TypeError, match="axis must be an int, got tuple"):
+        softmax(x, axis=(0, 1))
+
+
+# --- dropout ----------------------------------------------------------------------------
+
+def test_dropout_is_the_identity_for_p_0_and_in_evaluation(device, rng):
+    x = _t(rng.standard_normal((3, 4)), device)
+    assert dropout(x, 0.0, training=True, rng=backend.generator(0, device)) is x
+    assert dropout(x, 0.5, training=False) is x
+
+
+def test_dropout_zeros_a_fraction_p_and_keeps_the_mean(device):
+    p = 0.25
+    x = _t(np.ones((400, 500)), device)
+    y = dropout(x, p, training=True, rng=backend.generator(0, device)).numpy()
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 1 / (1 - p), rtol=1e-15)   # survivors scaled up
+    assert abs((~kept).mean() - p) < 0.005                        # ~p of them dropped
+    assert abs(y.mean() - 1) < 0.01                               # E[y] = x
+
+
+def test_dropout_mask_is_fixed_by_the_seed(device, rng):
+    x = _t(rng.standard_normal((8, 16)), device)
+    a = dropout(x, 0.5, rng=backend.generator(7, device)).numpy()
+    b = dropout(x, 0.5, rng=backend.generator(7, device)).numpy()
+    c = dropout(x, 0.5, rng=backend.generator(8, device)).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a == 0, c == 0)
+
+
+def test_dropout_backward_is_g_times_mask_over_keep_probability(device, rng):
+    x = _t(rng.standard_normal((2, 3, 5)), device)
+    mask = rng.random((2, 3, 5)) > 0.3
+    g = rng.standard_normal((2, 3, 5))
+    y = dropout(x, 0.3, mask=backend.asarray(mask, device=device))
+    y.backward(backend.asarray(g, device=device))
+    np.testing.assert_allclose(y.numpy(), x.numpy() * mask / 0.7, rtol=1e-15)
+    np.testing.assert_allclose(backend.to_numpy(x.grad), g * mask / 0.7, rtol=1e-15)
+
+
+def test_dropout_gradcheck_with_a_fixed_mask(device, rng):
+    x = _t(rng.standard_normal((2, 3, 5)), device)
+    # a fresh generator with the same seed inside fn: every call draws the same mask
+    assert mv.gradcheck(lambda x: dropout(x, 0.4, rng=backend.generator(0, device)), x) < 1e-6
+    per_sample = backend.asarray(np.array([1, 0], bool).reshape(2, 1, 1), device=device)
+    assert mv.gradcheck(lambda x: dropout(x, 0.5, mask=per_sample), x) < 1e-6
+
+
+def test_dropout_keeps_float32(device, rng):
+    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
+                  device=device)
+    y = dropout(x, 0.5, rng=backend.generator(0, device))
+    y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
+    assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+def test_dropout_rejects_bad_input(device):
+    x = _t(np.ones((2, 3)), device)
+    for p in (1.0, -0.1, 1.5, "0.1"):
+        with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\)"):
+            dropout(x, p, rng=backend.generator(0, device))
+    with pytest.raises(ValueError, match="needs rng="):
+        dropout(x, 0.5)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 2\) does not broadcast to the "
+                                         r"input's shape \(2, 3\)"):
+        dropout(x, 0.5, mask=backend.asarray(np.ones((3, 2), bool), device=device))

@@ -1,0 +1,196 @@
+"""Cross-entropy of the classification head, and its gradient softmax(z) - t.
+
+For logits z (B, K) and targets t (B, K) whose rows sum to 1 (one-hot labels, smoothed
+labels or soft targets):
+    L = -(1/B) sum_b sum_k t_bk log p_bk,        p_b = softmax(z_b).
+Since log p_bk = z_bk - log sum_j exp(z_bj), d log p_bk / d z_bj = delta_kj - p_bj, so
+    dL/dz_bj = -(1/B) sum_k t_bk (delta_kj - p_bj) = (p_bj sum_k t_bk - t_bj) / B
+             = (p_bj - t_bj) / B:
+the gradient is the predicted distribution minus the target, averaged over the batch.
+
+Label smoothing with s replaces the one-hot target by t = (1 - s) onehot + s/K, which
+still sums to 1, so the same gradient holds; s = 0 is plain cross-entropy.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import backend
+from minivit.ops.loss import CrossEntropy, accuracy, cross_entropy
+
+
+def _t(a, device, requires_grad=True):
+    return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad,
+                     device=device)
+
+
+def _ce_loops(z, labels, s=0.0):
+    """-(1/B) sum_b sum_k t_bk log softmax(z_b)_k, one row and one class at a time."""
+    b, k = z.shape
+    total = 0.0
+    for i in range(b):
+        log_norm = math.log(sum(math.exp(v) for v in z[i]))
+        for c in range(k):
+            target = (1 - s) * (c == labels[i]) + s / k
+            total -= target * (z[i, c] - log_norm)
+    return total / b
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_cross_entropy_matches_the_definition(device, rng):
+    z, labels = rng.standard_normal((5, 7)), np.array([0, 6, 3, 3, 1])
+    loss = cross_entropy(_t(z, device), labels)
+    assert loss.shape == ()
+    np.testing.assert_allclose(loss.item(), _ce_loops(z, labels), rtol=1e-14)
+    # the same thing written as -mean of the log-probability of the true class
+    log_p = np.log(_softmax(z))
+    np.testing.assert_allclose(loss.item(), -log_p[np.arange(5), labels].mean(), rtol=1e-14)
+
+
+def test_label_smoothing_value_and_s_0(device, rng):
+    z, labels = rng.standard_normal((4, 10)), np.array([2, 9, 0, 5])
+    s = 0.1
+    smoothed = cross_entropy(_t(z, device), labels, label_smoothing=s).item()
+    np.testing.assert_allclose(smoothed, _ce_loops(z, labels, s), rtol=1e-14)
+    # the same value from the closed form (1 - s) CE + s * mean over classes of -log p
+    log_p = np.log(_softmax(z))
+    closed = (1 - s) * -log_p[np.arange(4), labels].mean() - s * log_p.mean(-1).mean()
+    np.testing.assert_allclose(smoothed, closed, rtol=1e-14)
+    plain = cross_entropy(_t(z, device), labels).item()
+    assert cross_entropy(_t(z, device), labels, label_smoothing=0.0).item() == plain
+    assert abs(smoothed - plain) > 1e-3
+
+
+def test_soft_targets_and_one_hot_targets(device, rng):
+    z, labels = rng.standard_normal((4, 5)), np.array([1, 0, 4, 4])
+    one_hot = np.eye(5)[labels]
+    np.testing.assert_allclose(cross_entropy(_t(z, device), one_hot).item(),
+                               cross_entropy(_t(z, device), labels).item(), rtol=1e-14)
+    soft = rng.random((4, 5))
+    soft /= soft.sum(-1, keepdims=True)
+    np.testing.assert_allclose(cross_entropy(_t(z, device), soft).item(),
+                               -(soft * np.log(_softmax(z))).sum() / 4, rtol=1e-14)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.2])
+def test_gradient_is_softmax_minus_target_over_batch(device, rng, s):
+    z, labels = rng.standard_normal((3, 6)), np.array([5, 0, 2])
+    logits = _t(z, device)
+    cross_entropy(logits, labels, label_smoothing=s).backward()
+    t = (1 - s) * np.eye(6)[labels] + s / 6
+    np.testing.assert_allclose(backend.to_numpy(logits.grad), (_softmax(z) - t) / 3,
+                               rtol=1e-13, atol=1e-16)
+
+
+def test_backward_matches_autograd_of_the_composition(device, rng):
+    """-(t * log_softmax(z)).sum() / B from engine primitives, differentiated by autograd."""
+    z, labels = rng.standard_normal((4, 6)), np.array([3, 1, 1, 5])
+    t = (1 - 0.1) * np.eye(6)[labels] + 0.1 / 6
+    a, b = _t(z, device), _t(z, device)
+    la = cross_entropy(a, labels, label_smoothing=0.1)
+    shifted = b - b.max(axis=-1, keepdims=True)
+    log_p = shifted - mv.log(mv.exp(shifted).sum(axis=-1, keepdims=True))
+    lb = -(backend.asarray(t, device=device) * log_p).sum() / 4
+    np.testing.assert_allclose(la.item(), lb.item(), rtol=1e-14)
+    la.backward()
+    lb.backward()
+    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+                               rtol=1e-11, atol=1e-15)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.1])
+def test_cross_entropy_gradcheck(device, rng, s):
+    labels = np.array([0, 4, 2, 2])
+    z = _t(rng.standard_normal((4, 5)) * 2, device)
+    assert mv.gradcheck(lambda z: cross_entropy(z, labels, label_smoothing=s), z) < 1e-6
+    soft = rng.random((4, 5))
+    soft /= soft.sum(-1, keepdims=True)
+    assert mv.gradcheck(lambda z: cross_entropy(z, soft, label_smoothing=s), z) < 1e-6
+    base = mv.tensor(rng.standard_normal((5, 4)), device=device)
+    zt = mv.Tensor(base.data.T, requires_grad=True)                # non-contiguous (4, 5)
+    assert mv.gradcheck(lambda z: cross_entropy(z, labels, label_smoothing=s), zt) < 1e-6
+
+
+class CrossEntropyWithoutTarget(CrossEntropy):
+    """Wrong on purpose: dz = g softmax(z) / B, the "- t" forgotten."""
+
+    def backward(self, g):
+        return g * self.p / self.p.shape[0]
+
+
+def test_gradcheck_catches_a_gradient_without_the_target(device, rng):
+    t = backend.asarray(np.eye(5)[[0, 4, 2]], device=device)
+    z = _t(rng.standard_normal((3, 5)), device)
+    with pytest.raises(mv.GradcheckError):
+        mv.gradcheck(lambda z: CrossEntropyWithoutTarget(t)(z), z)
+
+
+def test_cross_entropy_is_stable_for_huge_logits(device, rng):
+    z = 1000 + rng.standard_normal((3, 4))
+    z[0, 2] = 5000
+    logits = _t(z, device)
+    loss = cross_entropy(logits, np.array([2, 0, 3]))
+    loss.backward()
+    assert np.isfinite(loss.item()) and np.isfinite(backend.to_numpy(logits.grad)).all()
+    np.testing.assert_allclose(loss.item(), _ce_loops(z - z.max(-1, keepdims=True),
+                                                      [2, 0, 3]), rtol=1e-12)
+
+
+def test_labels_may_be_a_tensor_a_list_or_an_array_on_another_device(device, rng):
+    z, labels = rng.standard_normal((3, 4)), np.array([3, 0, 1])
+    expected = _ce_loops(z, labels)
+    for given in (labels, list(labels), mv.tensor(labels, device=device),
+                  backend.asarray(labels, device=device), mv.tensor(labels, device="cpu")):
+        np.testing.assert_allclose(cross_entropy(_t(z, device), given).item(), expected,
+                                   rtol=1e-14)
+
+
+def test_cross_entropy_keeps_float32(device, rng):
+    logits = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
+                       device=device)
+    for target in (np.array([0, 1, 3]), np.full((3, 4), 0.25)):    # soft targets in float64
+        logits.grad = None
+        loss = cross_entropy(logits, target, label_smoothing=0.1)
+        loss.backward()
+        assert loss.dtype == np.float32 and logits.grad.dtype == np.float32
+
+
+def test_cross_entropy_rejects_bad_input(device):
+    z = _t(np.zeros((3, 4)), device)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\) for 4 classes, got 4"):
+        cross_entropy(z, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\).*got -1"):
+        cross_entropy(z, np.array([0, -1, 1]))
+    with pytest.raises(ValueError, match="got 2 labels for a batch of 3 logits"):
+        cross_entropy(z, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"targets of shape \(3, 4\) like the logits, got "
+                                         r"shape \(3, 5\)"):
+        cross_entropy(z, np.zeros((3, 5)))
+    with pytest.raises(TypeError, match="must be integer class indices, got dtype float64"):
+        cross_entropy(z, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"expected logits of shape \(B, K\).*got shape \(4,\)"):
+        cross_entropy(_t(np.zeros(4), device), np.array([1]))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        cross_entropy(z, np.array([0, 1, 2]), label_smoothing=1.5)
+    with pytest.raises(ValueError, match="each row of \\(B, K\\) targets must sum to 1"):
+        cross_entropy(z, np.full((3, 4), 0.5))
+    with pytest.raises(ValueError, match="labels must not require grad"):
+        cross_entropy(z, _t(np.eye(4)[[0, 1, 2]], device))
+
+
+def test_accuracy(device, rng):
+    z = rng.standard_normal((8, 3))
+    labels = rng.integers(0, 3, 8)
+    expected = float((z.argmax(-1) == labels).mean())
+    got = accuracy(_t(z, device), labels)
+    assert type(got) is float and got == expected
+    assert accuracy(_t(z, device), np.eye(3)[labels]) == expected        # one-hot labels
+    assert accuracy(z, z.argmax(-1)) == 1.0                              # a raw array works
+    with pytest.raises(ValueError, match="got 2 labels for a batch of 8"):
+        accuracy(_t(z, device), labels[:2])

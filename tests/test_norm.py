@@ -1,0 +1,169 @@
+"""LayerNorm (the LN of ViT Eq. 2-4), and the derivation of its backward pass.
+
+For one vector x in R^D (one token):
+    mu = mean(x),   sigma = sqrt(mean((x - mu)^2) + eps),   x_hat = (x - mu) / sigma,
+    y = gamma * x_hat + beta,                           eps = 1e-6 (the official ViT code).
+
+gamma and beta: y_i = gamma_i x_hat_i + beta_i at every position, so their gradients add
+up over all leading axes (batch, tokens):  dgamma = sum(dy * x_hat),  dbeta = sum(dy).
+
+x: let g = dy * gamma, the gradient with respect to x_hat.  From
+    d mu / d x_j = 1/D,    d sigma / d x_j = (x_j - mu) / (D sigma) = x_hat_j / D,
+    d x_hat_i / d x_j = (delta_ij - 1/D) / sigma - (x_i - mu) / sigma^2 * x_hat_j / D
+                      = (delta_ij - 1/D - x_hat_i x_hat_j / D) / sigma,
+and dx_j = sum_i g_i d x_hat_i / d x_j:
+    dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma.
+Each term matters, but a check seeded with dy = 1 (and gamma = 1, its initial value)
+cannot see them: then g = 1, so g - mean(g) = 0 and x_hat * mean(g * x_hat) =
+x_hat * mean(x_hat) = 0; the true dx, and a backward missing either term, are all 0.
+The gradient check uses a random cotangent instead, and catches the missing term.
+"""
+import inspect
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import backend
+from minivit.ops.norm import LayerNorm, layer_norm
+
+
+def _t(a, device, requires_grad=True):
+    return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad,
+                     device=device)
+
+
+def _params(rng, d, device):
+    return _t(1 + 0.5 * rng.standard_normal(d), device), _t(rng.standard_normal(d), device)
+
+
+def _layer_norm_composed(x, gamma, beta, eps):
+    """The same function from engine primitives; autograd derives its backward."""
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    return centred / mv.sqrt(var + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
+def test_layer_norm_matches_its_composition_forward_and_backward(device, rng, shape):
+    x = rng.standard_normal(shape) * 3 + 1
+    g = backend.asarray(rng.standard_normal(shape), device=device)
+    gamma, beta = _params(rng, shape[-1], device)
+    a, b = _t(x, device), _t(x, device)
+    ga, ba = _t(gamma.numpy(), device), _t(beta.numpy(), device)
+    ya = layer_norm(a, gamma, beta)
+    yb = _layer_norm_composed(b, ga, ba, 1e-6)
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-13, atol=1e-14)
+    ya.backward(g)
+    yb.backward(g)
+    for fused, composed in ((a, b), (gamma, ga), (beta, ba)):
+        np.testing.assert_allclose(backend.to_numpy(fused.grad), backend.to_numpy(composed.grad),
+                                   rtol=1e-10, atol=1e-13)
+
+
+def test_layer_norm_forward_against_numpy_per_row(device, rng):
+    x = rng.standard_normal((3, 4, 7))
+    gamma, beta = _params(rng, 7, device)
+    y = layer_norm(_t(x, device), gamma, beta, eps=1e-5).numpy()
+    for i in range(3):
+        for j in range(4):
+            row = x[i, j]
+            x_hat = (row - row.mean()) / np.sqrt(row.var() + 1e-5)
+            np.testing.assert_allclose(y[i, j], x_hat * gamma.numpy() + beta.numpy(),
+                                       rtol=1e-13, atol=1e-14)
+
+
+def test_layer_norm_normalises_each_row(device, rng):
+    d = 16
+    y = layer_norm(_t(rng.standard_normal((5, d)) * 10 + 3, device),
+                   _t(np.ones(d), device), _t(np.zeros(d), device)).numpy()
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-14)
+    np.testing.assert_allclose(y.var(-1), 1, rtol=1e-7)      # var/(var + eps), eps tiny
+
+
+def test_layer_norm_backward_follows_the_derived_formula(device, rng):
+    x, dy = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 3, 5))
+    gamma, beta = _params(rng, 5, device)
+    t = _t(x, device)
+    layer_norm(t, gamma, beta).backward(backend.asarray(dy, device=device))
+    sigma = np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    x_hat = (x - x.mean(-1, keepdims=True)) / sigma
+    g = dy * gamma.numpy()
+    dx = (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True)) / sigma
+    np.testing.assert_allclose(backend.to_numpy(t.grad), dx, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(backend.to_numpy(gamma.grad), (dy * x_hat).sum((0, 1)),
+                               rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(beta.grad), dy.sum((0, 1)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
+def test_layer_norm_gradcheck(device, rng, shape):
+    x = _t(rng.standard_normal(shape), device)
+    gamma, beta = _params(rng, shape[-1], device)
+    assert mv.gradcheck(layer_norm, x, gamma, beta) < 1e-6
+
+
+def test_layer_norm_gradcheck_on_a_transposed_input(device, rng):
+    base = mv.tensor(rng.standard_normal((2, 6, 4)), device=device)
+    x = mv.Tensor(base.data.swapaxes(-1, -2), requires_grad=True)     # shape (2, 4, 6)
+    assert not x.data.flags.c_contiguous
+    gamma, beta = _params(rng, 6, device)
+    assert mv.gradcheck(layer_norm, x, gamma, beta) < 1e-6
+
+
+class LayerNormWithoutVarianceTerm(LayerNorm):
+    """Wrong on purpose: dx = (g - mean(g)) / sigma, the x_hat * mean(g * x_hat) term dropped."""
+
+    def backward(self, dy):
+        dx, dgamma, dbeta = super().backward(dy)
+        g = dy * self.gamma
+        missing = self.x_hat * (g * self.x_hat).mean(axis=-1, keepdims=True) * self.inv_sigma
+        return dx + missing, dgamma, dbeta
+
+
+def test_gradcheck_catches_a_layer_norm_without_the_variance_term(device, rng):
+    x = _t(rng.standard_normal((2, 3, 5)), device)
+    gamma, beta = _params(rng, 5, device)
+    with pytest.raises(mv.GradcheckError, match="input 0"):
+        mv.gradcheck(lambda x, gm, bt: LayerNormWithoutVarianceTerm()(x, gm, bt),
+                     x, gamma, beta)
+
+
+def test_a_ones_cotangent_with_unit_gamma_cannot_see_the_missing_term(device, rng):
+    x = rng.standard_normal((3, 5))
+    ones = backend.asarray(np.ones((3, 5)), device=device)
+    for fn in (LayerNorm(), LayerNormWithoutVarianceTerm()):
+        t = _t(x, device)
+        fn(t, _t(np.ones(5), device), _t(np.zeros(5), device)).backward(ones)
+        np.testing.assert_allclose(backend.to_numpy(t.grad), 0, atol=1e-12)
+
+
+def test_default_eps_is_1e_minus_6_as_in_the_official_vit(device):
+    assert inspect.signature(layer_norm).parameters["eps"].default == 1e-6
+    # a row with variance 1e-6: eps decides the scale, 1/sqrt(1e-6 + eps)
+    x = np.array([[-1e-3, 1e-3]])
+    y = layer_norm(_t(x, device), _t(np.ones(2), device), _t(np.zeros(2), device)).numpy()
+    np.testing.assert_allclose(y, x / np.sqrt(1e-6 + 1e-6), rtol=1e-12)
+    assert not np.allclose(y, x / np.sqrt(1e-6 + 1e-5), rtol=1e-3)
+
+
+def test_layer_norm_keeps_float32(device, rng):
+    f32 = np.float32
+    x = mv.tensor(rng.standard_normal((3, 4)).astype(f32), requires_grad=True, device=device)
+    gamma = mv.tensor(np.ones(4, f32), requires_grad=True, device=device)
+    beta = mv.tensor(np.zeros(4, f32), requires_grad=True, device=device)
+    y = layer_norm(x, gamma, beta)
+    y.backward(backend.asarray(np.ones((3, 4), f32), device=device))
+    assert y.dtype == f32
+    assert x.grad.dtype == gamma.grad.dtype == beta.grad.dtype == f32
+
+
+def test_layer_norm_rejects_parameters_of_the_wrong_shape(device):
+    x = _t(np.zeros((2, 3, 5)), device)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(5,\), the size of the last "
+                                         r"axis of x \(shape \(2, 3, 5\)\), got \(6,\)"):
+        layer_norm(x, _t(np.ones(6), device), _t(np.zeros(5), device))
+    with pytest.raises(ValueError, match=r"beta must have shape \(5,\).*got \(1, 5\)"):
+        layer_norm(x, _t(np.ones(5), device), _t(np.zeros((1, 5)), device))
+    with pytest.raises(ValueError, match="needs an input with a feature axis"):
+        layer_norm(_t(1.0, device), _t(np.ones(1), device), _t(np.zeros(1), device))
