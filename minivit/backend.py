@@ -197,3 +197,26 @@ def generator(seed=None, device=None):
     Both have .random(size, dtype=...) and .standard_normal(size, dtype=...), so code
     that draws dropout masks or initial weights is the same on either backend."""
     return module_for(device or _default_device).random.default_rng(seed)
+
+
+def keep_host_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    A NumPy training step allocates and frees many temporaries of a few MB; by default
+    glibc hands each one back to the OS (mmap/munmap) and the next allocation pays page
+    faults for fresh zeroed pages, which costs a CPU step 20-30% here.  This raises the
+    mmap threshold to its 32 MB maximum and stops trimming the heap, the same effect as
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 in the environment.
+    Returns True when applied (Linux with glibc), False elsewhere.  Process-wide, so only
+    programs call it (examples/train_cifar.py, the benchmarks), never the library itself.
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))

@@ -78,14 +78,17 @@ def test_erf_matches_math_erf_to_float64_rounding(device):
 
 
 def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
+    """Float32 takes the cheaper rational approximation (Eigen's and XLA's): a few
+    float32 ulp on normal numbers, within 5e-7 everywhere."""
     x = _erf_points()
     x = x[np.abs(x) < 1e30].astype(np.float32)              # float32 holds these
     expected = np.array([math.erf(float(v)) for v in x])     # erf of the float32 values
     got = backend.to_numpy(erf(backend.asarray(x, device=device)))
     assert got.dtype == np.float32
+    normal = np.abs(x) >= np.finfo(np.float32).tiny          # subnormals keep fewer digits
     ulps32 = np.abs(got - expected) / np.spacing(np.abs(expected).astype(np.float32))
-    assert ulps32.max() <= 8
-    assert np.abs(got - expected).max() < 1e-6
+    assert ulps32[normal].max() <= 8                          # NumPy here: 5.4 ulp
+    assert np.abs(got - expected).max() < 5e-7
 
 
 def test_erf_special_values(device):

@@ -53,14 +53,41 @@ def _ratio(num, den, z):
     return (top + num[-2]) / (bottom + den[-1])
 
 
+# Float32: one rational function x P(x^2) / Q(x^2) on x clipped to [-4, 4] (beyond, erf
+# rounds to +-1 in float32), the minimax fit Eigen and XLA use for float32 erf.  About
+# 25 elementwise passes instead of Cody's ~60, within 5e-7 of the true erf.
+_ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+            -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+            -1.60960333262415e-02)
+_ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+            -7.37332916720468e-03, -1.42647390514189e-02)
+
+
+def _polynomial(coefficients, z):
+    """c0 z^n + c1 z^(n-1) + ... + cn by Horner's rule, in one buffer (no temporaries)."""
+    result = array_module(z).full_like(z, coefficients[0])
+    for c in coefficients[1:]:
+        result *= z
+        result += c
+    return result
+
+
+def _erf_float32(x):
+    x = array_module(x).clip(x, -4.0, 4.0)
+    x2 = x * x
+    return x * _polynomial(_ERF32_P, x2) / _polynomial(_ERF32_Q, x2)
+
+
 def erf(x):
     """The error function erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt, elementwise.
 
     NumPy has no erf (it lives in SciPy, which minivit does not need), so this is
     W. J. Cody's algorithm, "Rational Chebyshev approximations for the error
     function", Math. Comp. 23 (1969), with the coefficients of his routine CALERF
-    (netlib SPECFUN).  Accurate to a few units in the last place of float64; float32
-    input is computed, and returned, in float32.  With y = |x|:
+    (netlib SPECFUN).  Accurate to a few units in the last place of float64.  Float32
+    input takes a cheaper path (see _erf_float32: Eigen's and XLA's float32 rational
+    approximation, within 5e-7 of erf), computed and returned in float32, since
+    training runs in float32 and GELU is evaluated on every MLP activation.  With y = |x|:
 
         y <= 0.46875       erf(y)  = y A(y^2) / B(y^2)
         0.46875 < y <= 4   erfc(y) = exp(-y^2) C(y) / D(y)
@@ -76,6 +103,8 @@ def erf(x):
     x = xp.asarray(x)
     if not backend.is_floating(x):
         x = x.astype("float64")
+    if x.dtype == "float32":
+        return _erf_float32(x)
     y = xp.minimum(xp.abs(x), _ERF_ONE)        # NaN stays NaN; erf(+-inf) = +-1
 
     small = xp.minimum(y, _ERF_SMALL)

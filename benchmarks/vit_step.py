@@ -1,0 +1,179 @@
+"""One training step of a CIFAR ViT preset, against the floor set by its matrix products.
+
+    python benchmarks/vit_step.py [--preset cifar-small] [--batch 128] [--backend numpy]
+
+A step is forward, cross-entropy, backward and a parameter update (plain SGD: the
+update is a few elementwise passes whatever the optimiser).  The floor is the time
+of the same step's matrix products alone: every matmul the forward pass made,
+recorded with its operands, plus the two products its backward needs (g b^T and
+a^T g), and the six batched products of each attention (q k^T and A v forward; A^T g,
+g v^T, dS k and dS^T q backward), run back to back on raw arrays.  The share of time per op family comes from
+timing every Function's forward and backward during one step.
+"""
+import argparse
+import collections
+import time
+
+import numpy as np
+
+import minivit as mv
+from minivit import backend
+from minivit.autograd import Function
+from minivit.ops.attention import ScaledDotProductAttention
+from minivit.ops.basic import MatMul
+
+
+def synchronize(device):
+    if device == "cuda":
+        backend.module_for("cuda").cuda.Stream.null.synchronize()
+
+
+def make_step(model, images, labels, lr=1e-3):
+    def step():
+        model.zero_grad()
+        loss = mv.cross_entropy(model(images), labels)
+        loss.backward()
+        with mv.no_grad():
+            for p in model.parameters():
+                p.data -= lr * p.grad
+        return loss
+    return step
+
+
+def best_time(fn, device, repeat):
+    times = []
+    for _ in range(repeat):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def record_matmuls(step):
+    """The operands of every matrix product in one step: each MatMul's (a, b), and each
+    attention's (q, k, v), whose forward and backward are batched matmuls too."""
+    pairs, triples = [], []
+    matmul_forward, attention_forward = MatMul.forward, ScaledDotProductAttention.forward
+
+    def record_matmul(self, a, b):
+        pairs.append((a, b))
+        return matmul_forward(self, a, b)
+
+    def record_attention(self, q, k, v):
+        triples.append((q, k, v))
+        return attention_forward(self, q, k, v)
+    MatMul.forward, ScaledDotProductAttention.forward = record_matmul, record_attention
+    try:
+        step()
+    finally:
+        MatMul.forward, ScaledDotProductAttention.forward = matmul_forward, attention_forward
+    return pairs, triples
+
+
+def matmul_floor(pairs, triples):
+    def run():
+        for a, b in pairs:
+            g = a @ b                                    # forward (its result stands in for g)
+            _ = g @ b.swapaxes(-1, -2)                   # da
+            _ = a.swapaxes(-1, -2) @ g                   # db
+        for q, k, v in triples:
+            s = q @ k.swapaxes(-1, -2)                   # scores (stand in for A and dS too)
+            out = s @ v                                  # A v (stands in for g)
+            _ = s.swapaxes(-1, -2) @ out                 # dv = A^T g
+            _ = out @ v.swapaxes(-1, -2)                 # dA = g v^T
+            _ = s @ k                                    # dq = dS k
+            _ = s.swapaxes(-1, -2) @ q                   # dk = dS^T q
+    return run
+
+
+def family(cls):
+    if cls is MatMul:
+        return "matmul"
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+
+def time_by_family(step, device):
+    """Seconds spent in each Function's forward and backward during one step."""
+    spent = collections.Counter()
+    patched = []
+
+    def timed(cls, method):
+        original = getattr(cls, method)
+
+        def wrapper(self, *args):
+            synchronize(device)
+            start = time.perf_counter()
+            out = original(self, *args)
+            synchronize(device)
+            spent[f"{family(cls)} {method}"] += time.perf_counter() - start
+            return out
+        setattr(cls, method, wrapper)
+        patched.append((cls, method, original))
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+    for cls in set(subclasses(Function)):
+        if "forward" in vars(cls):
+            timed(cls, "forward")
+        if "backward" in vars(cls):
+            timed(cls, "backward")
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        total = time.perf_counter() - start
+    finally:
+        for cls, method, original in patched:
+            setattr(cls, method, original)
+    return spent, total
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="cifar-small", help="a CIFAR preset of minivit.nn.PRESETS")
+    parser.add_argument("--batch", type=int, default=128, help="images per step")
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--repeat", type=int, default=5, help="steps timed (the best is kept)")
+    parser.add_argument("--no-keep-host-memory", action="store_true",
+                        help="leave glibc's malloc as it is (see minivit.backend.keep_host_memory)")
+    args = parser.parse_args()
+    kept = not args.no_keep_host_memory and backend.keep_host_memory()
+
+    backend.use(args.backend)
+    device = backend.default_device()
+    model = mv.nn.VisionTransformer(args.preset)
+    rng = np.random.default_rng(0)
+    c = model.config
+    images = mv.tensor(rng.standard_normal((args.batch, 3, c.image_size, c.image_size),
+                                           dtype=np.float32))
+    labels = backend.to_device(rng.integers(0, c.num_classes, args.batch), device)
+    step = make_step(model, images, labels)
+
+    step()                                                # warm up
+    t_step = best_time(step, device, args.repeat)
+    pairs, triples = record_matmuls(step)
+    t_floor = best_time(matmul_floor(pairs, triples), device, args.repeat)
+    spent, t_profiled = min((time_by_family(step, device) for _ in range(3)), key=lambda r: r[1])
+
+    print(f"{args.preset}: {model.num_parameters():,} parameters, batch {args.batch}, "
+          f"{args.backend} backend ({device}), host memory kept for reuse: {kept}")
+    print(f"  training step (forward + backward + SGD update)  {t_step * 1e3:9.1f} ms  "
+          f"({args.batch / t_step:,.0f} images/s)")
+    print(f"  its matrix products alone ({len(pairs)} matmuls x 3, {len(triples)} attentions x 6)"
+          f" {t_floor * 1e3:9.1f} ms")
+    print(f"  step / matmul floor                               {t_step / t_floor:9.2f}x")
+    print(f"  share of one step ({t_profiled * 1e3:.1f} ms with per-op timing):")
+    for name, seconds in spent.most_common():
+        if seconds / t_profiled >= 0.005:
+            print(f"    {name:40s} {seconds * 1e3:8.1f} ms  {100 * seconds / t_profiled:5.1f}%")
+    rest = t_profiled - sum(spent.values())
+    print(f"    {'(engine, update, other)':40s} {rest * 1e3:8.1f} ms  {100 * rest / t_profiled:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
