@@ -30,7 +30,10 @@ class Lesson:
                             help="array backend: numpy (CPU, default) or cupy (GPU)")
         parser.add_argument("--out", default=str(OUT), help="folder for the figures")
         self.args = parser.parse_args()
-        mv.backend.use(self.args.backend)
+        try:
+            mv.backend.use(self.args.backend)
+        except mv.backend.BackendError as e:
+            sys.exit(f"error: {e}")
         self.device = mv.backend.default_device()
         self.out = pathlib.Path(self.args.out)
         self.failures = []
