@@ -377,3 +377,8 @@ def test_dropout_rejects_bad_input(device):
     with pytest.raises(ValueError, match=r"mask of shape \(3, 2\) does not broadcast to the "
                                          r"input's shape \(2, 3\)"):
         dropout(x, 0.5, mask=backend.asarray(np.ones((3, 2), bool), device=device))
+
+
+def test_erf_refuses_tensors_with_a_clear_message():
+    with pytest.raises(TypeError, match="erf works on raw arrays"):
+        erf(mv.tensor([0.5]))

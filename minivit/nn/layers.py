@@ -98,6 +98,12 @@ class RandomSource:
         self.seed = seed
         self.generators = {}
 
+    def reseed(self, seed):
+        """Start every device's generator afresh from `seed` (e.g. one seed per epoch, so
+        a resumed run draws the same masks as an uninterrupted one)."""
+        self.seed = seed
+        self.generators = {}
+
     def get(self, device):
         if device not in self.generators:
             self.generators[device] = backend.generator(self.seed, device)

@@ -99,6 +99,9 @@ def erf(x):
     All three ranges are computed for every entry, each on y clipped into its range
     (so no branch overflows), and `where` picks the right one: batched, no loops.
     """
+    if isinstance(x, Tensor):
+        raise TypeError("erf works on raw arrays and has no backward; pass tensor.data, or use "
+                        "mv.gelu for the differentiable GELU built on it")
     xp = array_module(x)
     x = xp.asarray(x)
     if not backend.is_floating(x):

@@ -1,0 +1,330 @@
+"""Train a Vision Transformer on CIFAR-10 with minivit's own engine.
+
+    python examples/train_cifar.py --preset cpu                  # a few minutes on a laptop CPU
+    python examples/train_cifar.py --preset gpu --backend cupy   # the real run, on a GPU
+
+Every epoch prints train and test loss and accuracy, images per second and elapsed
+time; appends a line to OUT/log.jsonl; redraws OUT/curves.png; and writes
+OUT/checkpoint.npz (atomically: a killed run never leaves half a checkpoint).
+`--resume` continues from that checkpoint and reaches exactly the state an
+uninterrupted run would: the model, the optimiser, the schedule position (the step
+count), and the randomness, which is drawn per epoch from (seed, epoch) for both the
+data order and augmentation and the dropout masks.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+import minivit as mv
+from minivit import backend, checkpoint, data
+from minivit.nn import PRESETS as MODEL_PRESETS
+from minivit.nn import VisionTransformer, preset
+from minivit.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
+
+# Training recipes.  "cpu": a small ViT that learns visibly in minutes on 2 cores.
+# "gpu": the small-data recipe of Lee et al. 2021 ("Vision Transformer for Small-Size
+# Datasets") and omihub777/ViT-CIFAR -- patch 4 on 32x32 images (64 tokens), AdamW with
+# weight decay 0.05, warm-up then cosine decay, label smoothing 0.1, crop + flip.
+RECIPES = {
+    "cpu": dict(model="cifar-tiny", epochs=6, batch_size=128, lr=2e-3, weight_decay=0.05,
+                warmup_epochs=1, label_smoothing=0.1, optimizer="adamw", clip_norm=1.0,
+                augment="standard", dropout=0.0),
+    "gpu": dict(model="cifar-small", epochs=60, batch_size=256, lr=1e-3, weight_decay=0.05,
+                warmup_epochs=5, label_smoothing=0.1, optimizer="adamw", clip_norm=1.0,
+                augment="standard", dropout=0.0),
+}
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything that decides a run (saved in every checkpoint)."""
+    model: str = "cifar-tiny"
+    hidden_size: int = None
+    depth: int = None
+    num_heads: int = None
+    mlp_dim: int = None
+    patch_size: int = None
+    gelu: str = None
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    augment: str = "standard"
+    train_subset: int = None
+    seed: int = 0
+
+    def model_config(self):
+        fields = {k: getattr(self, k) for k in ("hidden_size", "depth", "num_heads", "mlp_dim",
+                                                "patch_size", "gelu") if getattr(self, k)}
+        return preset(self.model, num_classes=10, dropout=self.dropout,
+                      attention_dropout=self.attention_dropout, **fields)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a Vision Transformer on CIFAR-10 with minivit (NumPy or CuPy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(RECIPES), default="cpu",
+                   help="training recipe; the flags below override its values")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="numpy runs on the CPU, cupy on an NVIDIA GPU")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding cifar-10-batches-py/ (or that folder itself); "
+                        "default: the download cache")
+    p.add_argument("--no-download", action="store_true",
+                   help="fail instead of downloading CIFAR-10 when it is not found")
+    p.add_argument("--out", default="runs/cifar", help="folder for the log, curves and checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.npz with the settings saved there "
+                        "(--epochs may raise the total)")
+    p.add_argument("--seed", type=int, help="seed for initial weights, data order, "
+                                            "augmentation and dropout")
+    p.add_argument("--epochs", type=int, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, help="images per training step")
+    p.add_argument("--lr", type=float, help="peak learning rate (after warm-up)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="AdamW, or SGD with momentum")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (matrices only "
+                                                      "for AdamW)")
+    p.add_argument("--warmup-epochs", type=float, help="epochs of linear learning-rate warm-up "
+                                                       "before the cosine decay")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
+    p.add_argument("--clip-norm", type=float, help="clip gradients to this global L2 norm "
+                                                   "(0: no clipping)")
+    p.add_argument("--dropout", type=float, help="dropout after embeddings, attention and in "
+                                                 "the MLP")
+    p.add_argument("--attention-dropout", type=float, help="dropout on the attention weights")
+    p.add_argument("--augment", choices=["none", "standard", "strong"],
+                   help="standard: random crop (4-pixel padding) + horizontal flip; "
+                        "strong: also cutout")
+    p.add_argument("--model", choices=sorted(n for n in MODEL_PRESETS if n.startswith("cifar")),
+                   help="model size preset (see minivit.nn.PRESETS)")
+    p.add_argument("--hidden-size", type=int, help="override the model's width D")
+    p.add_argument("--depth", type=int, help="override the number of encoder blocks L")
+    p.add_argument("--num-heads", type=int, help="override the number of attention heads")
+    p.add_argument("--mlp-dim", type=int, help="override the MLP's hidden width")
+    p.add_argument("--patch-size", type=int, help="override the patch size P")
+    p.add_argument("--gelu", choices=["erf", "tanh"], help="exact (erf) or tanh GELU")
+    p.add_argument("--train-subset", type=int,
+                   help="train on the first N training images only (quick experiments)")
+    p.add_argument("--eval-batch-size", type=int, default=500, help="images per test batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def settings_from(args):
+    values = dict(RECIPES[args.preset])
+    for field in dataclasses.fields(Settings):
+        flag = getattr(args, field.name, None)
+        if flag is not None:
+            values[field.name] = flag
+    return Settings(**values)
+
+
+# --- one epoch ------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self, total, label, enabled=True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done, text=""):
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.1 and done < self.total):
+            return
+        self.last = now
+        filled = int(30 * done / self.total)
+        rate = done / max(now - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}"
+                         f" {rate:,.0f} img/s {text}  ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+def train_epoch(model, optimizer, loader, epoch, s, steps_per_epoch, show_progress):
+    model.train()
+    model.random_source.reseed(s.seed * 1_000_003 + epoch)     # dropout masks of this epoch
+    total_steps = s.epochs * steps_per_epoch
+    warmup_steps = round(s.warmup_epochs * steps_per_epoch)
+    loss_sum = correct = seen = 0
+    bar = Progress(loader.num_images(), f"epoch {epoch + 1}/{s.epochs}", show_progress)
+    for images, labels in loader.epoch(epoch):
+        optimizer.lr = warmup_cosine(optimizer.steps, total_steps, warmup_steps, s.lr)
+        model.zero_grad()
+        logits = model(mv.Tensor(images))
+        loss = mv.cross_entropy(logits, labels, label_smoothing=s.label_smoothing)
+        value = loss.item()
+        if not math.isfinite(value):
+            bar.close()
+            return None, f"the training loss became {value} at step {optimizer.steps + 1}"
+        loss.backward()
+        norm = clip_grad_norm(model.parameters(), s.clip_norm or None)
+        if not math.isfinite(norm):
+            bar.close()
+            return None, f"the gradient norm became {norm} at step {optimizer.steps + 1}"
+        optimizer.step()
+        n = len(labels)
+        loss_sum += value * n
+        correct += mv.accuracy(logits, labels) * n
+        seen += n
+        bar.update(seen, f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+    bar.close()
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "train_images": seen}, None
+
+
+def evaluate(model, images, labels, batch_size, normalize, device):
+    model.eval()
+    loss_sum = correct = 0.0
+    with mv.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = backend.asarray(normalize(images[start:start + batch_size]), device=device)
+            y = labels[start:start + batch_size]
+            logits = model(mv.Tensor(x))
+            loss_sum += mv.cross_entropy(logits, y).item() * len(y)
+            correct += mv.accuracy(logits, y) * len(y)
+    return {"test_loss": loss_sum / len(images), "test_acc": correct / len(images)}
+
+
+# --- logs and curves --------------------------------------------------------------------
+
+def write_log(path, history):
+    checkpoint.atomic_write(path, lambda f: f.write(
+        "".join(json.dumps(row) + "\n" for row in history).encode()))
+
+
+def plot_curves(path, history):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "o-", label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("minivit on CIFAR-10")
+    fig.tight_layout()
+    checkpoint.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# --- the program ------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = pathlib.Path(args.out)
+    ckpt_path = out / "checkpoint.npz"
+    try:
+        backend.use(args.backend)
+    except backend.BackendError as e:
+        sys.exit(f"error: {e}")
+    device = backend.default_device()
+    if device == "cpu":
+        backend.keep_host_memory()
+
+    state = None
+    if args.resume:
+        if not ckpt_path.is_file():
+            sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
+        state = checkpoint.load_checkpoint(ckpt_path)
+        s = Settings(**state["settings"])
+        if args.epochs is not None:
+            s.epochs = args.epochs
+        print(f"resuming from {ckpt_path} after epoch {state['epoch']} (settings saved there)")
+    else:
+        s = settings_from(args)
+        if ckpt_path.exists():
+            sys.exit(f"error: {ckpt_path} already exists; pass --resume to continue that run, "
+                     f"or choose another --out")
+
+    try:
+        cifar = data.find_or_download(args.data_dir, download=not args.no_download)
+    except (FileNotFoundError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    train_x, train_y = cifar.train_images, cifar.train_labels
+    if s.train_subset:
+        train_x, train_y = train_x[:s.train_subset], train_y[:s.train_subset]
+
+    config = s.model_config()
+    model = VisionTransformer(config, seed=s.seed).to(device)
+    Optimizer = {"adamw": AdamW, "sgd": SGD}[s.optimizer]
+    options = {"momentum": s.momentum} if s.optimizer == "sgd" else {}
+    optimizer = Optimizer(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, **options)
+    history, start_epoch = [], 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start_epoch = state["history"], state["epoch"]
+
+    loader = data.Loader(train_x, train_y, s.batch_size, seed=s.seed, augment=s.augment,
+                         device=device)
+    steps_per_epoch = loader.num_batches()
+    print(f"{model.describe()}")
+    print(f"training on {len(train_x):,} images, testing on {len(cifar.test_images):,}; "
+          f"{s.epochs} epochs of {steps_per_epoch} steps, batch {s.batch_size}, "
+          f"{s.optimizer} lr {s.lr:g}, backend {args.backend}")
+    out.mkdir(parents=True, exist_ok=True)
+    elapsed = history[-1]["elapsed_s"] if history else 0.0
+
+    for epoch in range(start_epoch, s.epochs):
+        t0 = time.perf_counter()
+        train, problem = train_epoch(model, optimizer, loader, epoch, s, steps_per_epoch,
+                                     not args.no_progress)
+        if problem:
+            kept = (f"the last good checkpoint (after epoch {epoch}) is kept at {ckpt_path}"
+                    if ckpt_path.exists() else "no checkpoint was written yet")
+            sys.exit(f"error: {problem}; stopping. {kept}. Try a lower --lr or --clip-norm.")
+        train_time = time.perf_counter() - t0
+        test = evaluate(model, cifar.test_images, cifar.test_labels, args.eval_batch_size,
+                        data.normalize, device)
+        elapsed += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **train, **test, "lr": optimizer.lr,
+               "images_per_s": train["train_images"] / train_time, "elapsed_s": elapsed}
+        history.append(row)
+        checkpoint.save_checkpoint(ckpt_path, model, optimizer, epoch=epoch + 1,
+                                   settings=dataclasses.asdict(s), history=history,
+                                   normalization={"mean": data.CIFAR10_MEAN,
+                                                  "std": data.CIFAR10_STD},
+                                   class_names=list(cifar.class_names))
+        write_log(out / "log.jsonl", history)
+        plot_curves(out / "curves.png", history)
+        print(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {row['train_loss']:.4f} "
+              f"acc {100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} "
+              f"acc {100 * row['test_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
+              f"{elapsed / 60:.1f} min", flush=True)
+
+    final = history[-1] if history else None
+    if final:
+        print(f"final test accuracy: {100 * final['test_acc']:.2f}% after {final['epoch']} epochs "
+              f"({final['elapsed_s'] / 60:.1f} min)")
+    print(f"log: {out / 'log.jsonl'}\ncurves: {out / 'curves.png'}\ncheckpoint: {ckpt_path}")
+    return final
+
+
+if __name__ == "__main__":
+    main()
