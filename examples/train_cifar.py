@@ -218,7 +218,8 @@ def plot_curves(path, history):
     import matplotlib.pyplot as plt
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-",
+                 label="train (with label smoothing, augmentation)")
     ax_loss.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train")

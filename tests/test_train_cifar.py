@@ -1,0 +1,139 @@
+"""examples/train_cifar.py end to end, on a tiny CIFAR-10 written by the test.
+
+The promise of --resume: a run killed after epoch k and resumed ends in exactly the
+state of a run never interrupted.  That holds because everything a run depends on is
+either saved in the checkpoint (weights, optimiser moments, step count -- hence the
+learning-rate schedule position -- settings, history) or drawn afresh each epoch from
+(seed, epoch): the data order, the augmentation and the dropout masks.  The test
+compares the two final checkpoints array by array, with dropout and augmentation on.
+"""
+import importlib.util
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import backend, checkpoint
+from test_data import write_cifar
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_cifar.py"
+
+
+@pytest.fixture(scope="module")
+def train_cifar():
+    spec = importlib.util.spec_from_file_location("train_cifar", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    write_cifar(tmp_path / "data", n=8)               # 40 training images, 8 test images
+    return tmp_path / "data"
+
+
+def args(cifar_dir, out, *extra):
+    return ["--data-dir", str(cifar_dir), "--no-download", "--no-progress", "--out", str(out),
+            "--model", "cifar-tiny", "--hidden-size", "16", "--depth", "1", "--num-heads", "2",
+            "--mlp-dim", "16", "--batch-size", "16", "--epochs", "2", "--dropout", "0.1",
+            "--attention-dropout", "0.1", "--augment", "standard", "--warmup-epochs", "1",
+            *extra]
+
+
+def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path, capsys):
+    final = train_cifar.main(args(cifar_dir, tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert f"final test accuracy: {100 * final['test_acc']:.2f}%" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "elapsed_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[0]["train_images"] == 40
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert saved["epoch"] == 2 and saved["settings"]["hidden_size"] == 16
+    assert saved["class_names"][0] == "airplane" and len(saved["normalization"]["mean"]) == 3
+
+
+def test_resume_reaches_the_state_of_an_uninterrupted_run(train_cifar, cifar_dir, tmp_path,
+                                                          monkeypatch):
+    train_cifar.main(args(cifar_dir, tmp_path / "straight"))
+
+    real_write_log = train_cifar.write_log
+
+    def killed_after_first_epoch(path, history):
+        real_write_log(path, history)
+        raise KeyboardInterrupt                        # the checkpoint of epoch 1 is on disk
+    monkeypatch.setattr(train_cifar, "write_log", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_cifar.main(args(cifar_dir, tmp_path / "resumed"))
+    monkeypatch.setattr(train_cifar, "write_log", real_write_log)
+    assert checkpoint.load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")["epoch"] == 1
+    train_cifar.main(args(cifar_dir, tmp_path / "resumed", "--resume"))
+
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    b = checkpoint.load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
+    assert a["epoch"] == b["epoch"] == 2
+    for name in a["model"]:
+        np.testing.assert_array_equal(a["model"][name], b["model"][name], err_msg=name)
+    assert a["optimizer"]["steps"] == b["optimizer"]["steps"] == 6
+    for slot in ("m", "v"):
+        for x, y in zip(a["optimizer"][slot], b["optimizer"][slot]):
+            np.testing.assert_array_equal(x, y)
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["train_loss"] == rb["train_loss"] and ra["test_acc"] == rb["test_acc"]
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cifar, cifar_dir,
+                                                                    tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = mv.cross_entropy
+
+    def nan_in_the_second_epoch(logits, labels, **kwargs):
+        calls["n"] += 1
+        loss = real(logits, labels, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss   # steps 1-3, test, step 5, 6
+    monkeypatch.setattr(mv, "cross_entropy", nan_in_the_second_epoch)
+    with pytest.raises(SystemExit, match=r"the training loss became nan at step 5; stopping\. "
+                                         r"the last good checkpoint \(after epoch 1\) is kept"):
+        train_cifar.main(args(cifar_dir, tmp_path / "run"))
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")["epoch"] == 1
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(train_cifar, cifar_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
+        train_cifar.main(args(cifar_dir, tmp_path / "run", "--resume"))
+    train_cifar.main(args(cifar_dir, tmp_path / "run", "--epochs", "1"))
+    before = (tmp_path / "run" / "checkpoint.npz").read_bytes()
+    with pytest.raises(SystemExit, match="already exists; pass --resume"):
+        train_cifar.main(args(cifar_dir, tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoint.npz").read_bytes() == before
+
+
+def test_missing_data_says_what_to_do(train_cifar, tmp_path):
+    with pytest.raises(SystemExit, match="--data-dir"):
+        train_cifar.main(["--data-dir", str(tmp_path / "nowhere"), "--no-download",
+                          "--out", str(tmp_path / "run")])
+
+
+def test_cupy_backend_without_cupy_is_a_clear_error(train_cifar, cifar_dir, tmp_path):
+    if backend.cupy_unavailable_reason() is None:
+        pytest.skip("CuPy works here")
+    with pytest.raises(SystemExit, match="CuPy"):
+        train_cifar.main(args(cifar_dir, tmp_path / "run", "--backend", "cupy"))
+
+
+def test_help_explains_every_flag(train_cifar, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_cifar.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--backend", "--seed", "--epochs", "--batch-size", "--lr", "--out",
+                 "--data-dir", "--preset", "--resume", "--model"):
+        assert flag in text
