@@ -1,0 +1,203 @@
+"""Classify image files with a trained Vision Transformer.
+
+    python examples/predict.py cat.jpg dog.png --checkpoint runs/cifar/checkpoint.npz
+    python examples/predict.py photos/*.jpg --checkpoint ViT-B_16.npz --labels names.txt --top 3
+    python examples/predict.py cat.jpg --checkpoint ckpt.npz --backend cupy
+
+For each image it prints the K most probable classes (softmax of the logits):
+
+    cat.jpg
+       91.20%  cat
+        4.01%  dog
+
+The checkpoint is either minivit's own (written by examples/train_cifar.py: it holds
+the class names and the normalisation the model was trained with) or an official
+google-research/vision_transformer .npz (read by minivit.official; normalised as
+pixel / 127.5 - 1, no class names inside: give them with --labels, one per line,
+else classes print as "class 17").
+
+Images may be of any mode Pillow reads (greyscale, palette, RGBA, CMYK, 16-bit, ...);
+each is turned upright by its EXIF orientation, made RGB (transparent pixels are
+composited onto white), resized with bicubic interpolation so its shorter side is the
+model's resolution, and centre-cropped to a square (see minivit/images.py).  A file
+that cannot be read is reported on stderr by name and the others are still
+classified; the exit status is then 1.
+"""
+import argparse
+import importlib
+import pathlib
+import sys
+from collections import namedtuple
+
+import numpy as np
+
+import minivit as mv
+from minivit import backend, checkpoint, images
+from minivit.data import CIFAR10_MEAN, CIFAR10_STD
+
+Prediction = namedtuple("Prediction", "index name probability")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Print the top-K classes of images under a Vision Transformer checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any Pillow format)")
+    p.add_argument("--checkpoint", required=True,
+                   help="minivit checkpoint (examples/train_cifar.py) or official ViT .npz")
+    p.add_argument("--labels", help="class names, one per line (as many lines as classes); "
+                                    "overrides the names in the checkpoint")
+    p.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="numpy runs on the CPU, cupy on an NVIDIA GPU")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    return p.parse_args(argv)
+
+
+# --- the model, its normalisation and its class names ----------------------------------
+
+def _official_module():
+    """minivit.official, or None where it is not available."""
+    try:
+        return importlib.import_module("minivit.official")
+    except ImportError:
+        return None
+
+
+def load_model(path):
+    """(model, normalization {"mean", "std"}, class names or None, description) of a
+    checkpoint file; exits with a clear message when it cannot be read."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        sys.exit(f"error: no checkpoint at {path}")
+    if not path.is_file():
+        sys.exit(f"error: the checkpoint {path} is not a file")
+    official = _official_module()
+    try:
+        if official is not None and official.is_official(path):
+            model = official.load_official(path)
+            return model, images.OFFICIAL_NORMALIZATION, None, "official ViT checkpoint"
+        state = checkpoint.load_checkpoint(path)
+        model = checkpoint.model_from_checkpoint(state)
+    except Exception as e:       # a corrupt zip, a wrong format, missing arrays: say so, stop
+        hint = ("" if official is not None else
+                "; official ViT checkpoints need minivit.official, which is not available")
+        sys.exit(f"error: cannot load the checkpoint {path}: {e}{hint}")
+
+    num_classes = model.config.num_classes
+    normalization = state.get("normalization")
+    if normalization is None:
+        print(f"warning: {path} stores no normalisation; using CIFAR-10's channel statistics",
+              file=sys.stderr)
+        normalization = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    names = state.get("class_names")
+    if names is not None and len(names) != num_classes:
+        print(f"warning: {path} has {len(names)} class names for {num_classes} classes; "
+              f"ignoring them", file=sys.stderr)
+        names = None
+    return model, normalization, names, "minivit checkpoint"
+
+
+def read_labels(path, num_classes):
+    """Class names from a text file, one per line; exactly num_classes of them."""
+    try:
+        lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: cannot read the labels file {path}: {e}")
+    while lines and not lines[-1].strip():           # trailing blank lines do not count
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if len(names) != num_classes:
+        sys.exit(f"error: the labels file {path} has {len(names)} lines but the model has "
+                 f"{num_classes} classes; it needs one class name per line, in class order")
+    return names
+
+
+# --- classifying ------------------------------------------------------------------------
+
+def why_unreadable(error):
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory"
+    return f"{type(error).__name__}: {error}"
+
+
+def top_k(probabilities, k, names):
+    """The k most probable classes of one image, most probable first (ties: lower index)."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [Prediction(int(i), names[i], float(probabilities[i])) for i in order]
+
+
+def classify(model, arrays, normalization, device):
+    """Softmax probabilities (N, num_classes) of uint8 images (N, 3, S, S)."""
+    x = images.normalize_batch(arrays, normalization["mean"], normalization["std"])
+    logits = model(mv.tensor(x, device=device))
+    return backend.to_numpy(mv.softmax(logits, axis=-1).data).astype(np.float64)
+
+
+def show(path, predictions):
+    print(path)
+    for p in predictions:
+        print(f"  {100 * p.probability:7.2f}%  {p.name}")
+
+
+def main(argv=None):
+    """Classify the images; returns one list of Predictions per image (None where the image
+    could not be read), in the order given."""
+    args = parse_args(argv)
+    try:
+        backend.use(args.backend)
+    except backend.BackendError as e:
+        sys.exit(f"error: {e}")
+    device = backend.default_device()
+
+    model, normalization, names, kind = load_model(args.checkpoint)
+    c = model.config
+    if c.in_channels != 3:
+        sys.exit(f"error: {args.checkpoint}: this program feeds RGB images (3 channels), the "
+                 f"model expects {c.in_channels}")
+    if args.labels:
+        names = read_labels(args.labels, c.num_classes)
+    names = names or [f"class {i}" for i in range(c.num_classes)]
+    k = min(args.top, c.num_classes)
+    model.to(device).eval()
+    print(f"{args.checkpoint}: {kind}, {c.image_size}x{c.image_size} images, "
+          f"{c.num_classes} classes")
+
+    results = [None] * len(args.images)
+    with mv.no_grad():
+        for start in range(0, len(args.images), args.batch_size):
+            batch, where = [], []
+            for i in range(start, min(start + args.batch_size, len(args.images))):
+                path = args.images[i]
+                try:
+                    batch.append(images.prepare_image(path, c.image_size))
+                    where.append(i)
+                except Exception as e:   # unreadable: report it, classify the rest
+                    print(f"error: cannot read image {path}: {why_unreadable(e)}",
+                          file=sys.stderr, flush=True)
+            if not batch:
+                continue
+            probabilities = classify(model, np.stack(batch), normalization, device)
+            for i, p in zip(where, probabilities):
+                results[i] = top_k(p, k, names)
+                show(args.images[i], results[i])
+    sys.stdout.flush()
+    return results
+
+
+def exit_status(results):
+    """0 when every image was classified, 1 when any could not be read."""
+    return 1 if any(r is None for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_status(main()))
