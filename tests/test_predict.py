@@ -402,7 +402,7 @@ def test_a_real_official_checkpoint(predict, tmp_path):
     if not hasattr(official, "save_official"):
         pytest.skip("minivit.official has no save_official to write a test checkpoint")
     path = tmp_path / "ViT-tiny.npz"
-    official.save_official(path, tiny_model(seed=6, gelu="tanh"))
+    official.save_official(tiny_model(seed=6, gelu="tanh"), path)
     assert official.is_official(path)
     model = official.load_official(path)
     files = write_images(tmp_path)
