@@ -137,3 +137,34 @@ def test_help_explains_every_flag(train_cifar, capsys):
     for flag in ("--backend", "--seed", "--epochs", "--batch-size", "--lr", "--out",
                  "--data-dir", "--preset", "--resume", "--model"):
         assert flag in text
+
+
+def test_fine_tuning_an_official_checkpoint(train_cifar, cifar_dir, tmp_path):
+    """--pretrained: the official weights, a new zero 10-class head, the position
+    embeddings resized to the new resolution, and the official pixel / 127.5 - 1."""
+    from minivit.nn import VisionTransformer
+    from minivit.official import save_official
+    pretrained = VisionTransformer(image_size=8, patch_size=4, num_classes=7, hidden_size=8,
+                                   depth=1, num_heads=2, mlp_dim=16, gelu="tanh", seed=3)
+    save_official(pretrained, tmp_path / "ViT-tiny.npz")
+    train_cifar.main(["--preset", "finetune", "--pretrained", str(tmp_path / "ViT-tiny.npz"),
+                      "--image-size", "16", "--epochs", "1", "--batch-size", "16",
+                      "--data-dir", str(cifar_dir), "--no-download", "--no-progress",
+                      "--out", str(tmp_path / "ft")])
+    saved = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")
+    c = saved["config"]
+    assert (c["image_size"], c["num_classes"], c["gelu"]) == (16, 10, "tanh")
+    assert saved["model"]["pos_embed"].shape == (1, 17, 8)          # 4x4 patches + [CLS]
+    assert saved["model"]["head.weight"].shape == (8, 10)
+    assert saved["settings"]["optimizer"] == "sgd" and saved["settings"]["lr"] == 0.03
+    assert saved["normalization"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    # the encoder starts from the official weights (one SGD step moved them only a little)
+    before = pretrained.state_dict()["blocks.0.mlp.fc1.weight"]
+    after = saved["model"]["blocks.0.mlp.fc1.weight"]
+    assert np.abs(after - before).max() < 0.1 * np.abs(before).max()
+
+
+def test_finetune_preset_needs_a_checkpoint(train_cifar, cifar_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--pretrained PATH"):
+        train_cifar.main(["--preset", "finetune", "--data-dir", str(cifar_dir),
+                          "--out", str(tmp_path / "ft")])
