@@ -45,8 +45,8 @@ RECIPES = {
     # CIFAR-10: SGD with momentum 0.9, batch 512, 10,000 steps (~102 epochs) of which 500
     # (~5 epochs) warm-up, then cosine decay, base lr 0.03, gradient clipping at global
     # norm 1, no weight decay, at 384x384 (images upsampled from 32x32).
-    "finetune": dict(epochs=102, batch_size=512, lr=0.03, optimizer="sgd", momentum=0.9,
-                     weight_decay=0.0, warmup_epochs=5, label_smoothing=0.0, clip_norm=1.0,
+    "finetune": dict(steps=10_000, warmup_steps=500, batch_size=512, lr=0.03, optimizer="sgd",
+                     momentum=0.9, weight_decay=0.0, label_smoothing=0.0, clip_norm=1.0,
                      augment="standard", dropout=0.0, image_size=384),
 }
 
@@ -68,6 +68,8 @@ class Settings:
     momentum: float = 0.9
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    steps: int = None             # total optimiser steps; overrides epochs when given
+    warmup_steps: int = None      # overrides warmup_epochs when given
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
     dropout: float = 0.0
@@ -77,6 +79,13 @@ class Settings:
     seed: int = 0
     pretrained: str = None        # an official ViT checkpoint to start from
     image_size: int = None        # the model's resolution; CIFAR images are upsampled to it
+
+    def schedule(self, steps_per_epoch):
+        """(total steps, warm-up steps, epochs) of the learning-rate schedule."""
+        total = self.steps or self.epochs * steps_per_epoch
+        warmup = (self.warmup_steps if self.warmup_steps is not None
+                  else round(self.warmup_epochs * steps_per_epoch))
+        return total, warmup, math.ceil(total / steps_per_epoch)
 
     def normalization(self):
         """Official checkpoints expect pixel / 127.5 - 1; our own models CIFAR's statistics."""
@@ -108,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/cifar", help="folder for the log, curves and checkpoint")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.npz with the settings saved there "
-                        "(--epochs may raise the total)")
+                        "(--epochs or --steps may raise the total)")
     p.add_argument("--seed", type=int, help="seed for initial weights, data order, "
                                             "augmentation and dropout")
     p.add_argument("--epochs", type=int, help="passes over the training set")
@@ -120,6 +129,9 @@ def parse_args(argv=None):
                                                       "for AdamW)")
     p.add_argument("--warmup-epochs", type=float, help="epochs of linear learning-rate warm-up "
                                                        "before the cosine decay")
+    p.add_argument("--steps", type=int, help="train for this many optimiser steps instead of "
+                                             "whole epochs (the last epoch may stop early)")
+    p.add_argument("--warmup-steps", type=int, help="warm-up length in steps instead of epochs")
     p.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
     p.add_argument("--clip-norm", type=float, help="clip gradients to this global L2 norm "
                                                    "(0: no clipping)")
@@ -156,6 +168,10 @@ def settings_from(args):
         flag = getattr(args, field.name, None)
         if flag is not None:
             values[field.name] = flag
+    if args.epochs is not None and args.steps is None:          # epochs given: counted in epochs
+        values["steps"] = None
+    if args.warmup_epochs is not None and args.warmup_steps is None:
+        values["warmup_steps"] = None
     return Settings(**values)
 
 
@@ -185,14 +201,15 @@ class Progress:
             sys.stderr.flush()
 
 
-def train_epoch(model, optimizer, loader, epoch, s, steps_per_epoch, show_progress):
+def train_epoch(model, optimizer, loader, epoch, s, show_progress):
     model.train()
     model.random_source.reseed(s.seed * 1_000_003 + epoch)     # dropout masks of this epoch
-    total_steps = s.epochs * steps_per_epoch
-    warmup_steps = round(s.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps, epochs = s.schedule(loader.num_batches())
     loss_sum = correct = seen = 0
-    bar = Progress(loader.num_images(), f"epoch {epoch + 1}/{s.epochs}", show_progress)
+    bar = Progress(loader.num_images(), f"epoch {epoch + 1}/{epochs}", show_progress)
     for images, labels in loader.epoch(epoch):
+        if optimizer.steps >= total_steps:
+            break
         optimizer.lr = warmup_cosine(optimizer.steps, total_steps, warmup_steps, s.lr)
         model.zero_grad()
         logits = model(mv.Tensor(resize_bilinear(images, model.config.image_size)))
@@ -282,7 +299,9 @@ def main(argv=None):
         state = checkpoint.load_checkpoint(ckpt_path)
         s = Settings(**state["settings"])
         if args.epochs is not None:
-            s.epochs = args.epochs
+            s.epochs, s.steps = args.epochs, None
+        if args.steps is not None:
+            s.steps = args.steps
         print(f"resuming from {ckpt_path} after epoch {state['epoch']} (settings saved there)")
     else:
         s = settings_from(args)
@@ -324,17 +343,17 @@ def main(argv=None):
     loader = data.Loader(train_x, train_y, s.batch_size, seed=s.seed, augment=s.augment,
                          mean=mean, std=std, device=device)
     steps_per_epoch = loader.num_batches()
+    total_steps, _, epochs = s.schedule(steps_per_epoch)
     print(f"{model.describe()}")
     print(f"training on {len(train_x):,} images, testing on {len(cifar.test_images):,}; "
-          f"{s.epochs} epochs of {steps_per_epoch} steps, batch {s.batch_size}, "
+          f"{total_steps} steps ({epochs} epochs of {steps_per_epoch}), batch {s.batch_size}, "
           f"{s.optimizer} lr {s.lr:g}, backend {args.backend}")
     out.mkdir(parents=True, exist_ok=True)
     elapsed = history[-1]["elapsed_s"] if history else 0.0
 
-    for epoch in range(start_epoch, s.epochs):
+    for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        train, problem = train_epoch(model, optimizer, loader, epoch, s, steps_per_epoch,
-                                     not args.no_progress)
+        train, problem = train_epoch(model, optimizer, loader, epoch, s, not args.no_progress)
         if problem:
             kept = (f"the last good checkpoint (after epoch {epoch}) is kept at {ckpt_path}"
                     if ckpt_path.exists() else "no checkpoint was written yet")
@@ -352,7 +371,7 @@ def main(argv=None):
                                    class_names=list(cifar.class_names))
         write_log(out / "log.jsonl", history)
         plot_curves(out / "curves.png", history)
-        print(f"epoch {epoch + 1:3d}/{s.epochs}  train loss {row['train_loss']:.4f} "
+        print(f"epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} "
               f"acc {100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} "
               f"acc {100 * row['test_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
               f"{elapsed / 60:.1f} min", flush=True)

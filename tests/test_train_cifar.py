@@ -168,3 +168,11 @@ def test_finetune_preset_needs_a_checkpoint(train_cifar, cifar_dir, tmp_path):
     with pytest.raises(SystemExit, match="--pretrained PATH"):
         train_cifar.main(["--preset", "finetune", "--data-dir", str(cifar_dir),
                           "--out", str(tmp_path / "ft")])
+
+
+def test_steps_instead_of_epochs(train_cifar, cifar_dir, tmp_path):
+    """--steps 4 with 3 steps per epoch: a full epoch, then one step of the second."""
+    train_cifar.main(args(cifar_dir, tmp_path / "run", "--steps", "4", "--warmup-steps", "2"))
+    saved = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert saved["optimizer"]["steps"] == 4 and saved["epoch"] == 2
+    assert [row["train_images"] for row in saved["history"]] == [40, 16]
