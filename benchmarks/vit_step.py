@@ -137,7 +137,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cifar-small", help="a CIFAR preset of minivit.nn.PRESETS")
     parser.add_argument("--batch", type=int, default=128, help="images per step")
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--backend", default=backend.default_backend_name(),
+                        choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
     parser.add_argument("--repeat", type=int, default=5, help="steps timed (the best is kept)")
     parser.add_argument("--no-keep-host-memory", action="store_true",
                         help="leave glibc's malloc as it is (see minivit.backend.keep_host_memory)")

@@ -55,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--labels", help="class names, one per line (as many lines as classes); "
                                     "overrides the names in the checkpoint")
     p.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="numpy runs on the CPU, cupy on an NVIDIA GPU")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
+                   help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
+                        "$MINIVIT_BACKEND, else numpy)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     return p.parse_args(argv)
 

@@ -107,8 +107,9 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(RECIPES), default="cpu",
                    help="training recipe; the flags below override its values")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                   help="numpy runs on the CPU, cupy on an NVIDIA GPU")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
+                   help="numpy runs on the CPU, cupy on an NVIDIA GPU; the default is "
+                        "taken from $MINIVIT_BACKEND")
     p.add_argument("--data-dir", default=None,
                    help="folder holding cifar-10-batches-py/ (or that folder itself); "
                         "default: the download cache")

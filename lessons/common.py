@@ -26,8 +26,10 @@ OUT = pathlib.Path(__file__).resolve().parent / "out"
 class Lesson:
     def __init__(self, number, title, doc=None):
         parser = argparse.ArgumentParser(description=f"Lesson {number}: {title}")
-        parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
-                            help="array backend: numpy (CPU, default) or cupy (GPU)")
+        parser.add_argument("--backend", default=mv.backend.default_backend_name(),
+                            choices=["numpy", "cupy"],
+                            help="array backend: numpy (CPU) or cupy (GPU); default: "
+                                 "$MINIVIT_BACKEND, else numpy")
         parser.add_argument("--out", default=str(OUT), help="folder for the figures")
         self.args = parser.parse_args()
         try:

@@ -101,6 +101,11 @@ def default_device():
     return _default_device
 
 
+def default_backend_name():
+    """ "numpy" or "cupy": the default backend's name (for command-line defaults)."""
+    return "numpy" if _default_device == "cpu" else "cupy"
+
+
 def default_module():
     return module_for(_default_device)
 

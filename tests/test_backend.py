@@ -140,3 +140,11 @@ def test_generator_is_seeded(device):
     b = backend.generator(3, device).random((4,))
     np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
     assert backend.device_of(a) == device
+
+
+def test_programs_default_to_the_environment_backend():
+    code = "import minivit as mv; print(mv.backend.default_backend_name())"
+    for value, expected in (("numpy", "numpy"), ("cpu", "numpy"), ("cupy", "cupy"), ("cuda", "cupy")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "MINIVIT_BACKEND": value}, check=True).stdout
+        assert out.strip() == expected
