@@ -126,8 +126,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="peak learning rate (after warm-up)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help="AdamW, or SGD with momentum")
     p.add_argument("--momentum", type=float, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (matrices only "
-                                                      "for AdamW)")
+    p.add_argument("--weight-decay", type=float,
+                   help="decoupled weight decay (AdamW: weight matrices only; never the [CLS] "
+                        "token or the position embeddings)")
     p.add_argument("--warmup-epochs", type=float, help="epochs of linear learning-rate warm-up "
                                                        "before the cosine decay")
     p.add_argument("--steps", type=int, help="train for this many optimiser steps instead of "
@@ -334,7 +335,8 @@ def main(argv=None):
     mean, std = s.normalization()
     Optimizer = {"adamw": AdamW, "sgd": SGD}[s.optimizer]
     options = {"momentum": s.momentum} if s.optimizer == "sgd" else {}
-    optimizer = Optimizer(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, **options)
+    optimizer = Optimizer(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
+                          no_decay=model.no_weight_decay(), **options)
     history, start_epoch = [], 0
     if state is not None:
         model.load_state_dict(state["model"])

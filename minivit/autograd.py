@@ -116,6 +116,10 @@ class Tensor:
             if tuple(grad.shape) != tuple(self.shape):
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
                                  f"expected the tensor's shape {self.shape}")
+            if grad.dtype != self.dtype or backend.device_of(grad) != self.device:
+                raise ValueError(f"backward(grad): grad is {grad.dtype} on "
+                                 f"{backend.device_of(grad)}, expected the tensor's {self.dtype} "
+                                 f"on {self.device}")
         backward_walk(self, grad, retain_graph)
 
     # --- moving between devices ---------------------------------------------------------

@@ -28,7 +28,10 @@ def atomic_write(path, write):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -11,7 +11,7 @@ from minivit import backend
 
 
 class Optimizer:
-    def __init__(self, params, lr):
+    def __init__(self, params, lr, no_decay=()):
         self.params = list(params)
         if not self.params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -19,6 +19,11 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
         self.lr = lr
         self.steps = 0
+        self.no_decay = {id(p) for p in no_decay}
+
+    def decays(self, p):
+        """Whether weight decay applies to parameter p (not to those listed in no_decay)."""
+        return id(p) not in self.no_decay
 
     def zero_grad(self):
         for p in self.params:
@@ -67,8 +72,8 @@ class SGD(Optimizer):
         w <- w - lr * (b + weight_decay * w)
     """
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, nesterov=False):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, nesterov=False, no_decay=()):
+        super().__init__(params, lr, no_decay)
         if not 0 <= momentum < 1:
             raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
@@ -87,7 +92,7 @@ class SGD(Optimizer):
                 b *= self.momentum
                 b += g
             g = g + self.momentum * b if self.nesterov else b
-        if self.weight_decay:
+        if self.weight_decay and self.decays(p):
             g = g + self.weight_decay * p.data
         p.data -= self.lr * g
 
@@ -101,17 +106,23 @@ class AdamW(Optimizer):
 
     The decay acts on w directly, not through g, so it is not rescaled by sqrt(v_hat).
     Parameters with fewer than two axes (biases, LayerNorm scales, ...) are not decayed
-    when decay_matrices_only is set, as is usual for Transformers.
+    when decay_matrices_only is set, as is usual for Transformers, and neither are the
+    parameters listed in no_decay (for ViT: the [CLS] token and position embeddings,
+    which are stored with extra axes but are not weight matrices; see
+    VisionTransformer.no_weight_decay()).
     """
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decay_matrices_only=True):
-        super().__init__(params, lr)
+                 decay_matrices_only=True, no_decay=()):
+        super().__init__(params, lr, no_decay)
         self.b1, self.b2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.decay_matrices_only = decay_matrices_only
         self.m = [None] * len(self.params)
         self.v = [None] * len(self.params)
+
+    def decays(self, p):
+        return super().decays(p) and (p.ndim >= 2 or not self.decay_matrices_only)
 
     def _slots(self):
         return ("m", "v")
@@ -129,7 +140,7 @@ class AdamW(Optimizer):
         t = self.steps
         step_size = self.lr * math.sqrt(1 - self.b2 ** t) / (1 - self.b1 ** t)
         eps_hat = self.eps * math.sqrt(1 - self.b2 ** t)      # eps applied to sqrt(v_hat)
-        if self.weight_decay and (p.ndim >= 2 or not self.decay_matrices_only):
+        if self.weight_decay and self.decays(p):
             p.data -= (self.lr * self.weight_decay) * p.data
         p.data -= step_size * m / (xp.sqrt(v) + eps_hat)
 
@@ -143,7 +154,8 @@ def clip_grad_norm(params, max_norm):
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))
+    # the squares are summed on the device, in float64, and read back once
+    total = math.sqrt(float(sum((g * g).sum(dtype="float64") for g in grads)))
     if max_norm is not None and total > max_norm and math.isfinite(total):
         scale = max_norm / (total + 1e-6)
         for g in grads:

@@ -194,3 +194,9 @@ def test_a_wrong_gradient_dtype_is_reported(device):
     x = mv.tensor(np.ones(2, np.float32), requires_grad=True, device=device)
     with pytest.raises(RuntimeError, match="returned a float64 gradient for a float32 input"):
         Promotes()(x).sum().backward()
+
+
+def test_backward_names_a_gradient_of_the_wrong_dtype(device):
+    x = mv.tensor(np.ones(2, np.float32), requires_grad=True, device=device)
+    with pytest.raises(ValueError, match="grad is float64 on .*, expected the tensor's float32"):
+        (x * 2.0).backward(mv.backend.to_device(np.ones(2), device))

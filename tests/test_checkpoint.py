@@ -77,3 +77,14 @@ def test_loading_never_unpickles(tmp_path):
     np.savez(tmp_path / "evil.npz", meta=np.array([{"x": 1}], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         checkpoint.load_npz(tmp_path / "evil.npz")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+    umask = os.umask(0o022)
+    try:
+        path = checkpoint.save_npz(tmp_path / "ckpt.npz", {"a": np.zeros(2)}, {})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644         # not mkstemp's 0600

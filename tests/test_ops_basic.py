@@ -254,3 +254,16 @@ def test_unbroadcast_sums_copies():
     np.testing.assert_array_equal(unbroadcast(g, (3, 1)), np.full((3, 1), 8.0))
     np.testing.assert_array_equal(unbroadcast(g, ()), 24.0)
     np.testing.assert_array_equal(unbroadcast(g, (2, 1, 4)), np.full((2, 1, 4), 3.0))
+
+
+def test_relu_of_minus_infinity_is_zero(device):
+    x = T([-np.inf, -1.0, 2.0], device)
+    np.testing.assert_array_equal(mv.relu(x).numpy(), [0.0, 0.0, 2.0])
+
+
+def test_numpy_scalar_exponent_keeps_float32(device):
+    x = mv.tensor(np.full(3, 2.0, np.float32), requires_grad=True, device=device)
+    y = x ** np.float64(2.0)
+    assert y.dtype == np.float32
+    y.sum().backward()
+    assert x.grad.dtype == np.float32

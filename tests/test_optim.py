@@ -131,3 +131,18 @@ def test_bad_arguments():
         AdamW([p], lr=-1)
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         SGD([p], lr=0.1, momentum=1.5)
+
+
+def test_adamw_leaves_no_decay_parameters_alone(device):
+    from minivit.nn import VisionTransformer
+    model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=1,
+                              num_heads=2, mlp_dim=16).to(device)
+    assert model.no_weight_decay() == [model.cls_token, model.pos_embed]
+    for p in model.parameters():
+        p.grad = mv.backend.to_device(np.zeros(p.shape, np.float32), device)
+    before = {name: p.numpy().copy() for name, p in model.named_parameters()}
+    AdamW(model.parameters(), lr=0.1, weight_decay=0.5, no_decay=model.no_weight_decay()).step()
+    after = dict(model.named_parameters())
+    np.testing.assert_array_equal(after["pos_embed"].numpy(), before["pos_embed"])
+    np.testing.assert_allclose(after["blocks.0.mlp.fc1.weight"].numpy(),
+                               before["blocks.0.mlp.fc1.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from minivit import backend
 from minivit.nn.layers import (GELU, Dropout, LayerNorm, Linear, RandomSource, host_generator,
                                normal, param, zeros)
-from minivit.nn.module import Module
+from minivit.nn.module import Module, Parameter
 from minivit.ops.activation import GELU_APPROXIMATIONS
 from minivit.ops.attention import attention, merge_heads, split_heads
 from minivit.ops.basic import broadcast_to, concatenate, tanh
@@ -167,7 +167,8 @@ class MultiHeadSelfAttention(Module):
         if self.training and self.attention_dropout > 0:
             p = self.attention_dropout
             rng = self.random_source.get(z.device)
-            mask = (rng.random((B, self.num_heads, T, T), dtype="float32") >= p) / (1 - p)
+            keep = rng.random((B, self.num_heads, T, T), dtype="float32") >= p
+            mask = keep.astype(z.dtype) / (1 - p)
         out = attention(q, k, v, dropout_mask=mask, return_weights=return_weights)
         out, weights = out if return_weights else (out, None)
         y = self.out(merge_heads(out))
@@ -285,6 +286,11 @@ class VisionTransformer(Module):
             y = tanh(self.pre_logits(y))
         logits = self.head(y)
         return (logits, maps) if return_attention else logits
+
+    def no_weight_decay(self):
+        """Parameters that weight decay should leave alone although they have several axes:
+        the [CLS] token and the learned position embeddings (as timm and big_vision do)."""
+        return [p for p in (self.cls_token, self.pos_embed) if isinstance(p, Parameter)]
 
     def describe(self):
         c = self.config

@@ -188,7 +188,7 @@ class ReLU(Function):
 
     def forward(self, x):
         self.positive = x > 0
-        return x * self.positive
+        return array_module(x).where(self.positive, x, 0)
 
     def backward(self, g):
         return g * self.positive
@@ -432,6 +432,7 @@ def pow(x, c):  # noqa: A001
     if isinstance(c, Tensor) or backend.is_array(c):
         raise TypeError("x ** c takes a constant exponent c (a Python number); for a tensor "
                         "exponent write exp(c * log(x))")
+    c = c.item() if hasattr(c, "item") else c      # a NumPy scalar would promote float32
     return Pow(c)(x)
 
 

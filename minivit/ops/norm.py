@@ -1,6 +1,7 @@
 """Layer normalisation, the LN of every Transformer block in ViT (Eq. 2-4)."""
 from minivit import backend
 from minivit.autograd import Function
+from minivit.ops.basic import unbroadcast
 
 array_module = backend.array_module
 
@@ -49,8 +50,8 @@ class LayerNorm(Function):
         g = dy * self.gamma
         dx = (g - g.mean(axis=-1, keepdims=True)
               - x_hat * (g * x_hat).mean(axis=-1, keepdims=True)) * self.inv_sigma
-        dgamma = (dy * x_hat).reshape(-1, d).sum(axis=0)
-        dbeta = dy.reshape(-1, d).sum(axis=0)
+        dgamma = unbroadcast(dy * x_hat, (d,))
+        dbeta = unbroadcast(dy, (d,))
         return tuple(grad.astype(dtype, copy=False)
                      for grad, dtype in zip((dx, dgamma, dbeta), self.dtypes))
 
