@@ -44,8 +44,11 @@ RECIPES = {
     # The paper's fine-tuning (Sec. 3.2, App. B.1.1) as the official code runs it for
     # CIFAR-10: SGD with momentum 0.9, batch 512, 10,000 steps (~102 epochs) of which 500
     # (~5 epochs) warm-up, then cosine decay, base lr 0.03, gradient clipping at global
-    # norm 1, no weight decay, at 384x384 (images upsampled from 32x32).
-    "finetune": dict(steps=10_000, warmup_steps=500, batch_size=512, lr=0.03, optimizer="sgd",
+    # norm 1, no weight decay, at 384x384 (images upsampled from 32x32).  Like the official
+    # config (accum_steps=8), each batch of 512 runs as 8 passes of 64 images: ViT-B/16 at
+    # 384 px holds about 0.93 GB of activations per image for backward in float32.
+    "finetune": dict(steps=10_000, warmup_steps=500, batch_size=512, accumulate=8,
+                     lr=0.03, optimizer="sgd",
                      momentum=0.9, weight_decay=0.0, label_smoothing=0.0, clip_norm=1.0,
                      augment="standard", dropout=0.0, image_size=384),
 }
@@ -68,6 +71,7 @@ class Settings:
     momentum: float = 0.9
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    accumulate: int = 1           # split each batch into this many forward/backward passes
     steps: int = None             # total optimiser steps; overrides epochs when given
     warmup_steps: int = None      # overrides warmup_epochs when given
     label_smoothing: float = 0.1
@@ -101,67 +105,100 @@ class Settings:
                       attention_dropout=self.attention_dropout, **fields)
 
 
+def _number(kind, low, low_ok=True, high=None):
+    """An argparse type: a number of `kind` in [low, high) (or (low, ...) if not low_ok)."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (value == low and not low_ok) or (high is not None and value >= high):
+            bounds = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high else "")
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
+        return value
+    return parse
+
+
+positive_int, count = _number(int, 1), _number(int, 0)
+non_negative, probability = _number(float, 0.0), _number(float, 0.0, high=1.0)
+
+
+def _recipes_text():
+    lines = ["recipes (--preset); flags override their values:"]
+    for name, recipe in RECIPES.items():
+        lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a Vision Transformer on CIFAR-10 with minivit (NumPy or CuPy).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=_recipes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(RECIPES), default="cpu",
-                   help="training recipe; the flags below override its values")
+                   help="training recipe (default: cpu; listed below); the flags below "
+                        "override its values")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
-                   help="numpy runs on the CPU, cupy on an NVIDIA GPU; the default is "
-                        "taken from $MINIVIT_BACKEND")
+                   help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
+                        "$MINIVIT_BACKEND, else numpy)")
     p.add_argument("--data-dir", default=None,
                    help="folder holding cifar-10-batches-py/ (or that folder itself); "
-                        "default: the download cache")
+                        "without it CIFAR-10 is found in, or downloaded to, the cache "
+                        "folder ($MINIVIT_DATA, else ~/.cache/minivit/cifar10)")
     p.add_argument("--no-download", action="store_true",
                    help="fail instead of downloading CIFAR-10 when it is not found")
-    p.add_argument("--out", default="runs/cifar", help="folder for the log, curves and checkpoint")
+    p.add_argument("--out", default="runs/cifar",
+                   help="folder for the log, curves and checkpoint (default: runs/cifar)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.npz with the settings saved there "
                         "(--epochs or --steps may raise the total)")
     p.add_argument("--seed", type=int, help="seed for initial weights, data order, "
                                             "augmentation and dropout")
-    p.add_argument("--epochs", type=int, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, help="images per training step")
-    p.add_argument("--lr", type=float, help="peak learning rate (after warm-up)")
+    p.add_argument("--epochs", type=positive_int, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, help="images per training step")
+    p.add_argument("--accumulate", type=positive_int,
+                   help="run each batch as this many smaller forward/backward passes whose "
+                        "gradients add up (same result, less memory)")
+    p.add_argument("--lr", type=non_negative, help="peak learning rate (after warm-up)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help="AdamW, or SGD with momentum")
-    p.add_argument("--momentum", type=float, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float,
+    p.add_argument("--momentum", type=probability, help="SGD momentum")
+    p.add_argument("--weight-decay", type=non_negative,
                    help="decoupled weight decay (AdamW: weight matrices only; never the [CLS] "
                         "token or the position embeddings)")
-    p.add_argument("--warmup-epochs", type=float, help="epochs of linear learning-rate warm-up "
+    p.add_argument("--warmup-epochs", type=non_negative, help="epochs of linear learning-rate warm-up "
                                                        "before the cosine decay")
-    p.add_argument("--steps", type=int, help="train for this many optimiser steps instead of "
+    p.add_argument("--steps", type=positive_int, help="train for this many optimiser steps instead of "
                                              "whole epochs (the last epoch may stop early)")
-    p.add_argument("--warmup-steps", type=int, help="warm-up length in steps instead of epochs")
-    p.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
-    p.add_argument("--clip-norm", type=float, help="clip gradients to this global L2 norm "
+    p.add_argument("--warmup-steps", type=count, help="warm-up length in steps instead of epochs")
+    p.add_argument("--label-smoothing", type=probability, help="label smoothing of the cross-entropy")
+    p.add_argument("--clip-norm", type=non_negative, help="clip gradients to this global L2 norm "
                                                    "(0: no clipping)")
-    p.add_argument("--dropout", type=float, help="dropout after embeddings, attention and in "
+    p.add_argument("--dropout", type=probability, help="dropout after embeddings, attention and in "
                                                  "the MLP")
-    p.add_argument("--attention-dropout", type=float, help="dropout on the attention weights")
+    p.add_argument("--attention-dropout", type=probability, help="dropout on the attention weights")
     p.add_argument("--augment", choices=["none", "standard", "strong"],
                    help="standard: random crop (4-pixel padding) + horizontal flip; "
                         "strong: also cutout")
     p.add_argument("--model", choices=sorted(n for n in MODEL_PRESETS if n.startswith("cifar")),
                    help="model size preset (see minivit.nn.PRESETS)")
-    p.add_argument("--hidden-size", type=int, help="override the model's width D")
-    p.add_argument("--depth", type=int, help="override the number of encoder blocks L")
-    p.add_argument("--num-heads", type=int, help="override the number of attention heads")
-    p.add_argument("--mlp-dim", type=int, help="override the MLP's hidden width")
-    p.add_argument("--patch-size", type=int, help="override the patch size P")
+    p.add_argument("--hidden-size", type=positive_int, help="override the model's width D")
+    p.add_argument("--depth", type=positive_int, help="override the number of encoder blocks L")
+    p.add_argument("--num-heads", type=positive_int, help="override the number of attention heads")
+    p.add_argument("--mlp-dim", type=positive_int, help="override the MLP's hidden width")
+    p.add_argument("--patch-size", type=positive_int, help="override the patch size P")
     p.add_argument("--gelu", choices=["erf", "tanh"], help="exact (erf) or tanh GELU")
     p.add_argument("--pretrained", help="fine-tune from this official ViT .npz checkpoint "
                                         "(google-research/vision_transformer); its head is "
                                         "replaced by a zero 10-class head")
-    p.add_argument("--image-size", type=int,
-                   help="with --pretrained: the resolution to fine-tune at (CIFAR images are "
-                        "upsampled, position embeddings resized); default: the checkpoint's")
-    p.add_argument("--train-subset", type=int,
+    p.add_argument("--image-size", type=positive_int,
+                   help="the model's resolution: CIFAR images are upsampled to it (with "
+                        "--pretrained, position embeddings are resized; default: the "
+                        "checkpoint's, or 32)")
+    p.add_argument("--train-subset", type=positive_int,
                    help="train on the first N training images only (quick experiments)")
-    p.add_argument("--eval-batch-size", type=int, default=500, help="images per test batch")
+    p.add_argument("--eval-batch-size", type=positive_int, default=500,
+                   help="images per test batch (default: 500)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+SHAPE_FIELDS = ("model", "hidden_size", "depth", "num_heads", "mlp_dim", "patch_size")
 
 
 def settings_from(args):
@@ -207,6 +244,7 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
     model.train()
     model.random_source.reseed(s.seed * 1_000_003 + epoch)     # dropout masks of this epoch
     total_steps, warmup_steps, epochs = s.schedule(loader.num_batches())
+    micro = -(-s.batch_size // s.accumulate)                   # images per forward pass
     loss_sum = correct = seen = 0
     bar = Progress(loader.num_images(), f"epoch {epoch + 1}/{epochs}", show_progress)
     for images, labels in loader.epoch(epoch):
@@ -214,21 +252,24 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
             break
         optimizer.lr = warmup_cosine(optimizer.steps, total_steps, warmup_steps, s.lr)
         model.zero_grad()
-        logits = model(mv.Tensor(resize_bilinear(images, model.config.image_size)))
-        loss = mv.cross_entropy(logits, labels, label_smoothing=s.label_smoothing)
-        value = loss.item()
-        if not math.isfinite(value):
-            bar.close()
-            return None, f"the training loss became {value} at step {optimizer.steps + 1}"
-        loss.backward()
+        n = len(labels)
+        for start in range(0, n, micro):           # micro-batches: gradients add up
+            x = resize_bilinear(images[start:start + micro], model.config.image_size)
+            y = labels[start:start + micro]
+            logits = model(mv.Tensor(x))
+            loss = mv.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                return None, f"the training loss became {value} at step {optimizer.steps + 1}"
+            (loss * (len(y) / n)).backward()       # the batch's mean loss, in parts
+            loss_sum += value * len(y)
+            correct += mv.accuracy(logits, y) * len(y)
         norm = clip_grad_norm(model.parameters(), s.clip_norm or None)
         if not math.isfinite(norm):
             bar.close()
             return None, f"the gradient norm became {norm} at step {optimizer.steps + 1}"
         optimizer.step()
-        n = len(labels)
-        loss_sum += value * n
-        correct += mv.accuracy(logits, labels) * n
         seen += n
         bar.update(seen, f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
     bar.close()
@@ -311,14 +352,24 @@ def main(argv=None):
             sys.exit("error: --preset finetune fine-tunes a pre-trained model: give the official "
                      "checkpoint with --pretrained PATH (e.g. ViT-B_16.npz from "
                      "google-research/vision_transformer)")
+        shape_flags = [f"--{name.replace('_', '-')}" for name in SHAPE_FIELDS
+                       if getattr(args, name) is not None]
+        if s.pretrained and shape_flags:
+            sys.exit(f"error: {', '.join(shape_flags)} cannot change the shape of a pre-trained "
+                     f"model (--pretrained decides it); leave them out")
         if ckpt_path.exists():
             sys.exit(f"error: {ckpt_path} already exists; pass --resume to continue that run, "
                      f"or choose another --out")
 
     try:
-        cifar = data.find_or_download(args.data_dir, download=not args.no_download)
+        # a --data-dir is where the data is, not where to download it: a mistyped folder
+        # gives an error rather than a fresh 170 MB download there
+        cifar = data.find_or_download(args.data_dir,
+                                      download=not args.no_download and args.data_dir is None)
     except (FileNotFoundError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+        hint = (f"\n(--data-dir must hold the data; leave it out to find or download CIFAR-10 "
+                f"in the cache folder {data.default_cache_dir()})" if args.data_dir else "")
+        sys.exit(f"error: {e}{hint}")
     train_x, train_y = cifar.train_images, cifar.train_labels
     if s.train_subset:
         train_x, train_y = train_x[:s.train_subset], train_y[:s.train_subset]
@@ -328,7 +379,9 @@ def main(argv=None):
     elif s.pretrained:
         from minivit.official import load_official
         model = load_official(s.pretrained, num_classes=10, image_size=s.image_size,
-                              seed=s.seed)
+                              seed=s.seed, dropout=s.dropout,
+                              attention_dropout=s.attention_dropout,
+                              **({"gelu": s.gelu} if s.gelu else {}))
     else:
         model = VisionTransformer(s.model_config(), seed=s.seed)
     model.to(device)

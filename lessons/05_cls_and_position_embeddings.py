@@ -15,8 +15,9 @@ Transformer's input:
 E_pos  Attention treats its input as a set: shuffle the patches and every output is
        shuffled the same way.  So each position gets its own vector, added to the
        token there.  The paper learns them (1D, one per position, initialised with
-       std 0.02 in the official code) and finds fixed or 2D variants work about as well
-       (Appendix D.4).  One fixed choice, from the official big_vision code: 2D sin-cos,
+       std 0.02 in the official code); its ablation (Appendix D.4) finds learned 2D
+       and relative embeddings no better, and no embedding clearly worse.  A fixed
+       choice, used by the later official big_vision code: 2D sin-cos,
        a quarter of the D features each sin(col w_k), cos(col w_k), sin(row w_k),
        cos(row w_k) at frequencies w_k = 10000^(-k / (D/4 - 1)).
 

@@ -5,7 +5,7 @@ Softmax turns a row of K real scores x into K positive weights that sum to 1:
     y_i = exp(x_i) / sum_j exp(x_j)
 
 In ViT it makes the attention weights A = softmax(q k^T / sqrt(D_h)) (Appendix A,
-Eq. 5), one softmax over the T = N + 1 = 197 keys for every query, head and image,
+Eq. 6), one softmax over the T = N + 1 = 197 keys for every query, head and image,
 and the class probabilities of the head's cross-entropy loss.
 
 Stability.  exp overflows float64 above x = 709 (float32 above 88.7), and

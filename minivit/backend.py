@@ -37,9 +37,12 @@ class DeviceMismatchError(RuntimeError):
 
 def device_name(name):
     """Normalise a device or backend name to "cpu" or "cuda"."""
-    key = str(name).lower().split(":")[0]
+    key, _, index = str(name).lower().partition(":")
     if key not in _DEVICE_NAMES:
         raise ValueError(f"unknown device {name!r}: expected 'cpu' (NumPy) or 'cuda' (CuPy)")
+    if index not in ("", "0"):
+        raise ValueError(f"device {name!r}: minivit uses one GPU, CuPy's current device; choose "
+                         f"it with CUDA_VISIBLE_DEVICES={index} and ask for 'cuda'")
     return _DEVICE_NAMES[key]
 
 

@@ -148,3 +148,9 @@ def test_programs_default_to_the_environment_backend():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={**os.environ, "MINIVIT_BACKEND": value}, check=True).stdout
         assert out.strip() == expected
+
+
+def test_only_one_gpu_is_addressed():
+    assert backend.device_name("cuda:0") == "cuda" and backend.device_name("CPU") == "cpu"
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1"):
+        backend.device_name("cuda:1")

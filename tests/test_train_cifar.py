@@ -176,3 +176,51 @@ def test_steps_instead_of_epochs(train_cifar, cifar_dir, tmp_path):
     saved = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
     assert saved["optimizer"]["steps"] == 4 and saved["epoch"] == 2
     assert [row["train_images"] for row in saved["history"]] == [40, 16]
+
+
+def test_accumulating_micro_batches_matches_whole_batches(train_cifar, cifar_dir, tmp_path):
+    """--accumulate 4 runs each batch of 16 as 4 passes of 4 whose gradients add up: the
+    same update as one pass, up to float32 rounding (no dropout, which draws per pass).
+    SGD, because Adam divides by sqrt(v): the key bias's gradient is exactly zero in
+    exact arithmetic (softmax ignores a shift of every score in a row), so in float32 it
+    is rounding noise that Adam would blow up to full-size steps."""
+    plain = ["--dropout", "0", "--attention-dropout", "0", "--epochs", "1", "--optimizer", "sgd"]
+    train_cifar.main(args(cifar_dir, tmp_path / "whole", *plain))
+    train_cifar.main(args(cifar_dir, tmp_path / "parts", *plain, "--accumulate", "4"))
+    a = checkpoint.load_checkpoint(tmp_path / "whole" / "checkpoint.npz")
+    b = checkpoint.load_checkpoint(tmp_path / "parts" / "checkpoint.npz")
+    for name in a["model"]:
+        np.testing.assert_allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-5)
+
+
+def test_pretrained_takes_dropout_and_refuses_shape_flags(train_cifar, cifar_dir, tmp_path):
+    from minivit.nn import VisionTransformer
+    from minivit.official import save_official
+    save_official(VisionTransformer(image_size=8, patch_size=4, num_classes=7, hidden_size=8,
+                                    depth=1, num_heads=2, mlp_dim=16), tmp_path / "tiny.npz")
+    common = ["--pretrained", str(tmp_path / "tiny.npz"), "--image-size", "8", "--epochs", "1",
+              "--data-dir", str(cifar_dir), "--no-progress"]
+    train_cifar.main(common + ["--dropout", "0.3", "--attention-dropout", "0.2",
+                               "--out", str(tmp_path / "ft")])
+    c = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")["config"]
+    assert (c["dropout"], c["attention_dropout"], c["gelu"]) == (0.3, 0.2, "tanh")
+    with pytest.raises(SystemExit, match="--hidden-size, --depth cannot change the shape"):
+        train_cifar.main(common + ["--hidden-size", "16", "--depth", "2",
+                                   "--out", str(tmp_path / "ft2")])
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--batch-size", "-1"),
+                                        ("--lr", "-0.1"), ("--dropout", "1.0")])
+def test_bad_numbers_are_refused_by_the_parser(train_cifar, flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_cifar.main([flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: expected a number" in capsys.readouterr().err
+
+
+def test_a_data_dir_without_data_is_not_a_download_target(train_cifar, tmp_path):
+    with pytest.raises(SystemExit, match="--data-dir must hold the data"):
+        train_cifar.main(["--data-dir", str(tmp_path / "typo"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "typo").exists()

@@ -42,7 +42,7 @@ class ViTConfig:
     in_channels: int = 3
     classifier: str = "token"       # "token" ([CLS]) or "gap" (mean of the patch outputs)
     representation_size: int = None  # width of the pre-logits layer, None for none
-    pos_embed: str = "learned"      # "learned", "sincos2d" or "none" (Appendix D.4)
+    pos_embed: str = "learned"      # "learned" (1D), "sincos2d" (fixed) or "none"
     dropout: float = 0.0
     attention_dropout: float = 0.0
     gelu: str = "erf"               # "erf" (exact) or "tanh" (the official code's)
