@@ -60,8 +60,21 @@ def _layer_norm(x, scale, bias, eps=1e-6):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * scale + bias
 
 
-def _gelu(x):
+def _gelu(x, approximate="erf"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
     return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _sincos_table(grid, dim):
+    """The fixed 2D table from its formula: sin/cos of column and row at dim/4 frequencies."""
+    rows = []
+    for n in range(grid * grid):
+        row, col = divmod(n, grid)
+        w = [10000.0 ** (-k / max(dim // 4 - 1, 1)) for k in range(dim // 4)]
+        rows.append([math.sin(col * f) for f in w] + [math.cos(col * f) for f in w]
+                    + [math.sin(row * f) for f in w] + [math.cos(row * f) for f in w])
+    return np.array(rows)
 
 
 def reference_forward(p, cfg, images):
@@ -81,6 +94,11 @@ def reference_forward(p, cfg, images):
             z = np.concatenate([p["cls_token"][0], z])    # [CLS] at position 0
         if cfg.pos_embed == "learned":
             z = z + p["pos_embed"][0]
+        elif cfg.pos_embed == "sincos2d":
+            table = _sincos_table(H // P, D)
+            if cfg.classifier == "token":
+                table = np.concatenate([np.zeros((1, D)), table])     # [CLS] gets zeros
+            z = z + table.astype(np.float32)      # the model keeps the table in float32
         for l in range(cfg.depth):
             b = f"blocks.{l}."
             h = _layer_norm(z, p[b + "norm1.scale"], p[b + "norm1.bias"])
@@ -99,17 +117,23 @@ def reference_forward(p, cfg, images):
                 heads.append(sa)
             z = np.concatenate(heads, axis=1) @ p[b + "attn.out.weight"] + p[b + "attn.out.bias"] + z
             h = _layer_norm(z, p[b + "norm2.scale"], p[b + "norm2.bias"])
-            h = _gelu(h @ p[b + "mlp.fc1.weight"] + p[b + "mlp.fc1.bias"])
+            h = _gelu(h @ p[b + "mlp.fc1.weight"] + p[b + "mlp.fc1.bias"], cfg.gelu)
             z = h @ p[b + "mlp.fc2.weight"] + p[b + "mlp.fc2.bias"] + z
         z = _layer_norm(z, p["norm.scale"], p["norm.bias"])
         y = z[0] if cfg.classifier == "token" else z.mean(0)
+        if cfg.representation_size:
+            y = np.tanh(y @ p["pre_logits.weight"] + p["pre_logits.bias"])
         out.append(y @ p["head.weight"] + p["head.bias"])
     return np.array(out)
 
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
-def test_forward_matches_the_equations_written_with_loops(classifier, device):
-    model = perturbed_float64(VisionTransformer(**TINY, classifier=classifier).to(device))
+@pytest.mark.parametrize("variant", [dict(), dict(gelu="tanh", pos_embed="sincos2d"),
+                                     dict(pos_embed="none", representation_size=5)],
+                         ids=["learned-erf", "sincos-tanh", "none-prelogits"])
+def test_forward_matches_the_equations_written_with_loops(classifier, variant, device):
+    model = VisionTransformer(**TINY, classifier=classifier, **variant).to(device)
+    model = perturbed_float64(model)
     images = np.random.default_rng(2).standard_normal((2, 3, 8, 8))
     logits = model(mv.tensor(images, device=device)).numpy()
     np.testing.assert_allclose(logits, reference_forward(model.state_dict(), model.config, images),
