@@ -65,7 +65,9 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
     measured absolutely (a float64 central difference resolves ~1e-10, not less).
     Returns the largest such relative error; raises GradcheckError naming the input,
     the worst entry, both values and the error when a check fails.
-    `fn` must be deterministic (fix dropout masks with a seed inside it).
+    `fn` must be deterministic (fix dropout masks with a seed inside it), and the inputs
+    should lie away from kinks (ReLU at 0, ties in max), where a central difference
+    straddles two slopes: the caller chooses them, as the tests do.
     Float32 inputs are checked through float64 copies; float64 inputs are used as they
     are (perturbed in place and restored, their .grad left as it was), so the
     parameters of a model cast to float64 can be checked where the model reads them.
