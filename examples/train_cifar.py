@@ -21,7 +21,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 
 import minivit as mv
 from minivit import backend, checkpoint, data

@@ -21,7 +21,6 @@ The pieces that decide u, checked one at a time:
 Official checkpoints (google-research/vision_transformer) use pixel / 127.5 - 1, which
 is mean = std = 1/2 in the formula above: (u/255 - 1/2) / (1/2) = u/127.5 - 1.
 """
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -35,6 +34,7 @@ from PIL import Image
 import minivit as mv
 from minivit import backend, checkpoint, images
 from minivit.nn import VisionTransformer
+from conftest import load_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "predict.py"
@@ -47,10 +47,7 @@ NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", 
 
 @pytest.fixture(scope="module")
 def predict():
-    spec = importlib.util.spec_from_file_location("predict", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("predict")
 
 
 @pytest.fixture(autouse=True)

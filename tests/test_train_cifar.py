@@ -7,27 +7,20 @@ learning-rate schedule position -- settings, history) or drawn afresh each epoch
 (seed, epoch): the data order, the augmentation and the dropout masks.  The test
 compares the two final checkpoints array by array, with dropout and augmentation on.
 """
-import importlib.util
 import json
 import math
-import pathlib
 
 import numpy as np
 import pytest
 
 import minivit as mv
 from minivit import backend, checkpoint
+from conftest import load_example
 from test_data import write_cifar
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_cifar.py"
-
 
 @pytest.fixture(scope="module")
 def train_cifar():
-    spec = importlib.util.spec_from_file_location("train_cifar", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_cifar")
 
 
 @pytest.fixture
