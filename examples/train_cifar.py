@@ -21,7 +21,6 @@ import pathlib
 import sys
 import time
 
-
 import minivit as mv
 from minivit import backend, checkpoint, data
 from minivit.nn import PRESETS as MODEL_PRESETS
