@@ -15,6 +15,7 @@ Devices are named ``"cpu"`` (NumPy) and ``"cuda"`` (CuPy); the backend names
 ``"numpy"`` and ``"cupy"`` are accepted as synonyms everywhere.
 """
 import os
+import pathlib
 import sys
 
 import numpy
@@ -23,8 +24,9 @@ import numpy
 _DEVICE_NAMES = {"cpu": "cpu", "numpy": "cpu", "np": "cpu",
                  "cuda": "cuda", "cupy": "cuda", "gpu": "cuda", "cp": "cuda"}
 
-CUPY_INSTALL_HINT = ('install it with: pip install -e ".[cuda12]"  '
-                     "(cupy-cuda12x, for CUDA 12; use cupy-cuda11x for CUDA 11)")
+CUPY_INSTALL_HINT = ('install it with: pip install -e ".[cuda12]" for CUDA 12 '
+                     '(cupy-cuda12x) or pip install -e ".[cuda13]" for CUDA 13 (cupy-cuda13x); '
+                     "CuPy needs the NVIDIA driver and the CUDA libraries")
 
 
 class BackendError(RuntimeError):
@@ -48,23 +50,68 @@ def device_name(name):
 
 # --- CuPy, imported only when asked for ------------------------------------------------
 
+STANDIN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fake_cupy"
+
+
+def _use_standin():
+    """MINIVIT_FAKE_CUPY=1: `import cupy` finds the strict NumPy-backed CuPy stand-in of
+    tests/fake_cupy (a source checkout's), which proves the CuPy path without a GPU."""
+    if not (STANDIN / "cupy" / "__init__.py").is_file():
+        raise BackendError(f"MINIVIT_FAKE_CUPY=1 asks for the CuPy stand-in, which lives in "
+                           f"a source checkout of minivit ({STANDIN} is missing)")
+    loaded = sys.modules.get("cupy")
+    if loaded is not None and not getattr(loaded, "_IS_STANDIN", False):
+        raise BackendError("MINIVIT_FAKE_CUPY=1, but the real CuPy was imported first")
+    if str(STANDIN) not in sys.path:
+        sys.path.insert(0, str(STANDIN))
+
+
+_checked = (None, None)     # (the CuPy module checked, None or the BackendError it gave)
+
+
+def _check_cupy(cupy):
+    """A CuPy that imports can still lack a device, or the CUDA libraries it compiles and
+    multiplies with (NVRTC, cuBLAS): try each once and say which is missing."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing, or no device visible
+        return BackendError(f"CuPy is installed but no CUDA device is present ({e}); the CuPy "
+                            "backend needs an NVIDIA GPU with its driver. Use the NumPy "
+                            "backend (MINIVIT_BACKEND=numpy) on this machine.")
+    if count < 1:
+        return BackendError("CuPy is installed but no CUDA device is present (0 devices "
+                            "found); the CuPy backend needs an NVIDIA GPU. Use the NumPy "
+                            "backend (MINIVIT_BACKEND=numpy) on this machine.")
+    for what, library, probe in (
+            ("compile a kernel", "NVRTC", lambda: cupy.arange(4, dtype="float32") * 2),
+            ("multiply matrices", "cuBLAS", lambda: cupy.ones((2, 2), dtype="float32")
+             @ cupy.ones((2, 2), dtype="float32"))):
+        try:
+            probe()
+            cupy.cuda.Device().synchronize()
+        except Exception as e:
+            return BackendError(
+                f"CuPy {getattr(cupy, '__version__', '?')} found a GPU but cannot {what}: "
+                f"the CUDA {library} library is missing or does not match ({type(e).__name__}: "
+                f"{e}). Install the CUDA Toolkit libraries, e.g. "
+                f'pip install "cupy-cuda12x[ctk]" (or "cupy-cuda13x[ctk]")')
+    return None
+
+
 def _import_cupy():
-    """Import CuPy and make sure a CUDA device is present; say which one is missing."""
+    """Import CuPy and make sure it can run on a CUDA device; say what is missing."""
+    if os.environ.get("MINIVIT_FAKE_CUPY") == "1":
+        _use_standin()
     try:
         import cupy
     except ImportError as e:
         raise BackendError(f"the CuPy backend needs CuPy, which is not installed ({e}); "
                            f"{CUPY_INSTALL_HINT}") from None
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDA driver missing, or no device visible
-        raise BackendError(f"CuPy is installed but no CUDA device is present ({e}); the CuPy "
-                           "backend needs an NVIDIA GPU with its driver. Use the NumPy "
-                           "backend (MINIVIT_BACKEND=numpy) on this machine.") from None
-    if count < 1:
-        raise BackendError("CuPy is installed but no CUDA device is present (0 devices found); "
-                           "the CuPy backend needs an NVIDIA GPU. Use the NumPy backend "
-                           "(MINIVIT_BACKEND=numpy) on this machine.")
+    global _checked
+    if _checked[0] is not cupy:
+        _checked = (cupy, _check_cupy(cupy))
+    if _checked[1] is not None:
+        raise _checked[1]
     return cupy
 
 
@@ -180,7 +227,7 @@ def scatter_add(target, index, values):
     if xp is numpy:
         numpy.add.at(target, index, values)
     else:
-        import cupyx
+        import cupyx    # found next to cupy (the stand-in's, under MINIVIT_FAKE_CUPY=1)
         cupyx.scatter_add(target, index, values)
     return target
 

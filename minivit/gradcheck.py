@@ -93,6 +93,16 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
             args[i].grad = grad
 
 
+def _unravel(k, shape):
+    """The index tuple of flat (C-order) position k in an array of `shape`, on the host
+    (CuPy's unravel_index takes only device arrays)."""
+    where = []
+    for n in reversed(shape):
+        k, i = divmod(k, n)
+        where.append(i)
+    return tuple(reversed(where))
+
+
 def _compare(fn, args, checked, cotangent, eps, atol, rtol):
 
     def phi():
@@ -111,7 +121,7 @@ def _compare(fn, args, checked, cotangent, eps, atol, rtol):
         err = float(error.reshape(-1)[k]) if error.size else 0.0
         worst = err if err > worst else worst
         if err > rtol:
-            where = tuple(int(j) for j in xp.unravel_index(k, x.shape))
+            where = _unravel(k, x.shape)
             raise GradcheckError(
                 f"gradcheck failed for input {i} (shape {x.shape}): at index {where} the "
                 f"analytic gradient is {float(analytic[where]):.10g} but the numerical one is "

@@ -1,7 +1,15 @@
 """Shared fixtures: every test that takes `device` runs once on NumPy ("cpu") and once
-on CuPy ("cuda"); the CuPy run is skipped, with the reason, where CuPy or a GPU is
-missing, and must pass where both are present."""
+on CuPy ("cuda").
+
+Where the CuPy run happens:
+- on a machine with an NVIDIA GPU and CuPy: on the GPU;
+- with MINIVIT_FAKE_CUPY=1: on the strict CuPy stand-in of tests/fake_cupy (NumPy
+  underneath, CuPy's rules on top), so the CuPy path is proven on every machine;
+- elsewhere it is skipped, with the reason -- unless MINIVIT_REQUIRE_CUDA=1 (set it on
+  GPU runners), which turns "CuPy unavailable" into a failure.
+"""
 import importlib.util
+import os
 import pathlib
 
 import numpy as np
@@ -10,13 +18,43 @@ import pytest
 from minivit import backend
 
 _CUPY_REASON = backend.cupy_unavailable_reason()
+STANDIN = os.environ.get("MINIVIT_FAKE_CUPY") == "1"
+REQUIRE_CUDA = os.environ.get("MINIVIT_REQUIRE_CUDA") == "1"
+
+
+def require_cupy():
+    """Skip the calling test when the CuPy backend is unavailable (fail under
+    MINIVIT_REQUIRE_CUDA=1)."""
+    if _CUPY_REASON is not None:
+        message = f"CuPy backend unavailable: {_CUPY_REASON}"
+        if REQUIRE_CUDA:
+            pytest.fail(f"MINIVIT_REQUIRE_CUDA=1: {message}", pytrace=False)
+        pytest.skip(message)
+
+
+def pytest_report_header(config):
+    if STANDIN:
+        return "CuPy backend: the strict stand-in of tests/fake_cupy (MINIVIT_FAKE_CUPY=1)"
+    return f"CuPy backend: {'available' if _CUPY_REASON is None else _CUPY_REASON}"
 
 
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request):
-    if request.param == "cuda" and _CUPY_REASON is not None:
-        pytest.skip(f"CuPy backend unavailable: {_CUPY_REASON}")
+    if request.param == "cuda":
+        require_cupy()
     return request.param
+
+
+@pytest.fixture
+def standin():
+    """The stand-in's counters, reset (tests that budget device reads, copies, launches)."""
+    if not STANDIN:
+        pytest.skip("counts device reads, copies and launches on the CuPy stand-in: "
+                    "set MINIVIT_FAKE_CUPY=1")
+    backend.module_for("cuda")
+    from cupy import _standin
+    _standin.reset()
+    return _standin
 
 
 def load_example(name):

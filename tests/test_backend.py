@@ -17,6 +17,7 @@ import pytest
 
 import minivit as mv
 from minivit import backend
+from conftest import require_cupy
 
 PACKAGE = pathlib.Path(mv.__file__).parent
 
@@ -65,6 +66,7 @@ def _fake_cupy(count=None, error=None):
 @pytest.mark.parametrize("fake", [_fake_cupy(count=0),
                                   _fake_cupy(error=RuntimeError("cudaErrorNoDevice"))])
 def test_missing_gpu_is_named(monkeypatch, fake):
+    monkeypatch.delenv("MINIVIT_FAKE_CUPY", raising=False)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     with pytest.raises(backend.BackendError, match="CuPy is installed but no CUDA device is present"):
         backend.use("cuda")
@@ -98,8 +100,7 @@ def test_device_mismatch_names_the_operation_and_both_devices(monkeypatch):
 
 
 def test_device_mismatch_on_a_real_gpu():
-    if backend.cupy_unavailable_reason() is not None:
-        pytest.skip(f"CuPy backend unavailable: {backend.cupy_unavailable_reason()}")
+    require_cupy()
     x = mv.tensor([1.0], device="cpu")
     y = mv.tensor([1.0], device="cuda")
     with pytest.raises(backend.DeviceMismatchError, match=r"Add: .*cpu \(numpy.ndarray\).*"
@@ -121,11 +122,12 @@ def test_moving_between_devices(device):
 
 
 def test_use_sets_where_new_tensors_go(device):
+    previous = backend.default_device()
     try:
         backend.use(device)
         assert mv.tensor(np.ones(2)).device == device
     finally:
-        backend.use("numpy")
+        backend.use(previous)          # restore, so MINIVIT_BACKEND=cupy runs stay on CuPy
 
 
 def test_scatter_add_accumulates_repeats(device):
@@ -154,3 +156,50 @@ def test_only_one_gpu_is_addressed():
     assert backend.device_name("cuda:0") == "cuda" and backend.device_name("CPU") == "cpu"
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1"):
         backend.device_name("cuda:1")
+
+
+class _BrokenCupy(types.SimpleNamespace):
+    """A CuPy that imports and sees a GPU but lacks NVRTC (kernels) or cuBLAS (matmul)."""
+
+    def __init__(self, missing):
+        device = types.SimpleNamespace(synchronize=lambda: None)
+        cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+                                     Device=lambda: device)
+        super().__init__(cuda=cuda, ndarray=type(None), __version__="14.2.0", missing=missing)
+
+    def arange(self, n, dtype=None):
+        if self.missing == "nvrtc":
+            raise RuntimeError("CompileException: libnvrtc.so.12: cannot open shared object file")
+        return 1.0
+
+    def ones(self, shape, dtype=None):
+        if self.missing == "cublas":
+            raise ImportError("libcublas.so.12: cannot open shared object file")
+        return 1.0
+
+
+@pytest.mark.parametrize("missing,library", [("nvrtc", "NVRTC"), ("cublas", "cuBLAS")])
+def test_a_cupy_that_cannot_compile_or_multiply_is_named(monkeypatch, missing, library):
+    monkeypatch.delenv("MINIVIT_FAKE_CUPY", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", _BrokenCupy(missing))
+    with pytest.raises(backend.BackendError, match=rf"found a GPU but cannot .*CUDA {library} "
+                                                   r"library is missing.*\[ctk\]"):
+        backend.use("cupy")
+    assert library in backend.cupy_unavailable_reason()
+
+
+def test_require_cuda_turns_the_cupy_skips_into_failures(tmp_path):
+    """On a GPU runner MINIVIT_REQUIRE_CUDA=1 makes a missing or broken CuPy fail the run
+    instead of skipping half the suite; here `import cupy` is made to fail."""
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text("raise ImportError('no CuPy in this test')\n")
+    env = {k: v for k, v in os.environ.items() if k != "MINIVIT_FAKE_CUPY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    test = str(pathlib.Path(__file__).with_name("test_backend.py")) + "::test_scatter_add_accumulates_repeats"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    plain = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert plain.returncode == 0 and "1 passed, 1 skipped" in plain.stdout, plain.stdout
+    required = subprocess.run(command, capture_output=True, text=True,
+                              env={**env, "MINIVIT_REQUIRE_CUDA": "1"})
+    assert required.returncode == 1 and "1 passed, 1 error" in required.stdout, required.stdout
+    assert "MINIVIT_REQUIRE_CUDA=1: CuPy backend unavailable" in required.stdout

@@ -1,0 +1,46 @@
+"""cupy.cuda.runtime in the stand-in: one pretend device."""
+import cupy
+
+_PUBLIC = frozenset(cupy._MANIFEST["cupy.cuda.runtime"])
+_TOTAL = 80 * 2 ** 30
+
+
+class CUDARuntimeError(RuntimeError):
+    pass
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'cupy.cuda.runtime' has no attribute {name!r}")
+    raise NotImplementedError(f"cupy.cuda.runtime.{name} exists in CuPy, but not in the stand-in")
+
+
+def getDeviceCount():
+    return 1
+
+
+def getDevice():
+    return 0
+
+
+def deviceSynchronize():
+    pass
+
+
+def runtimeGetVersion():
+    return 12080
+
+
+def driverGetVersion():
+    return 12080
+
+
+def memGetInfo():
+    return (_TOTAL, _TOTAL)
+
+
+def getDeviceProperties(device):
+    if device != 0:
+        raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+    return {"name": b"CuPy stand-in (NumPy on the CPU)", "totalGlobalMem": _TOTAL,
+            "major": 9, "minor": 0, "multiProcessorCount": 1}
