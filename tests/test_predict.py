@@ -394,7 +394,7 @@ def test_official_checkpoints_are_normalised_as_pixel_over_127_5_minus_1(
         assert [r.name for r in result] == [f"class {r.index}" for r in result]
 
 
-def test_a_real_official_checkpoint(predict, tmp_path):
+def test_a_real_official_checkpoint(predict, tmp_path, device):
     official = pytest.importorskip("minivit.official")
     if not hasattr(official, "save_official"):
         pytest.skip("minivit.official has no save_official to write a test checkpoint")
@@ -404,7 +404,8 @@ def test_a_real_official_checkpoint(predict, tmp_path):
     model = official.load_official(path)
     files = write_images(tmp_path)
     results = predict.main([str(files["photo.jpg"]), str(files["tall.png"]),
-                            "--checkpoint", str(path), "--top", "10"])
+                            "--checkpoint", str(path), "--top", "10",
+                            "--backend", {"cpu": "numpy", "cuda": "cupy"}[device]])
     want = reference_probabilities(model, [official_input(files[n])
                                            for n in ("photo.jpg", "tall.png")])
     for result, w in zip(results, want):

@@ -9,6 +9,7 @@ compares the two final checkpoints array by array, with dropout and augmentation
 """
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +22,16 @@ from test_data import write_cifar
 @pytest.fixture(scope="module")
 def train_cifar():
     return load_example("train_cifar")
+
+
+@pytest.fixture(autouse=True)
+def keep_default_backend(monkeypatch):
+    # main(--backend ...) sets the process-wide default backend; put it back afterwards
+    monkeypatch.setattr(backend, "_default_device", backend.default_device())
+
+
+def backend_flag(device):
+    return ["--backend", {"cpu": "numpy", "cuda": "cupy"}[device]]
 
 
 @pytest.fixture
@@ -37,9 +48,10 @@ def args(cifar_dir, out, *extra):
             *extra]
 
 
-def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path, capsys):
-    final = train_cifar.main(args(cifar_dir, tmp_path / "run"))
+def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path, capsys, device):
+    final = train_cifar.main(args(cifar_dir, tmp_path / "run", *backend_flag(device)))
     out = capsys.readouterr().out
+    assert f"backend {backend_flag(device)[1]}" in out
     assert f"final test accuracy: {100 * final['test_acc']:.2f}%" in out
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -53,8 +65,9 @@ def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path
 
 
 def test_resume_reaches_the_state_of_an_uninterrupted_run(train_cifar, cifar_dir, tmp_path,
-                                                          monkeypatch):
-    train_cifar.main(args(cifar_dir, tmp_path / "straight"))
+                                                          monkeypatch, device):
+    flag = backend_flag(device)
+    train_cifar.main(args(cifar_dir, tmp_path / "straight", *flag))
 
     real_write_log = train_cifar.write_log
 
@@ -63,10 +76,10 @@ def test_resume_reaches_the_state_of_an_uninterrupted_run(train_cifar, cifar_dir
         raise KeyboardInterrupt                        # the checkpoint of epoch 1 is on disk
     monkeypatch.setattr(train_cifar, "write_log", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_cifar.main(args(cifar_dir, tmp_path / "resumed"))
+        train_cifar.main(args(cifar_dir, tmp_path / "resumed", *flag))
     monkeypatch.setattr(train_cifar, "write_log", real_write_log)
     assert checkpoint.load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")["epoch"] == 1
-    train_cifar.main(args(cifar_dir, tmp_path / "resumed", "--resume"))
+    train_cifar.main(args(cifar_dir, tmp_path / "resumed", "--resume", *flag))
 
     a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
     b = checkpoint.load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
@@ -84,7 +97,8 @@ def test_resume_reaches_the_state_of_an_uninterrupted_run(train_cifar, cifar_dir
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cifar, cifar_dir,
-                                                                    tmp_path, monkeypatch):
+                                                                    tmp_path, monkeypatch,
+                                                                    device):
     calls = {"n": 0}
     real = mv.cross_entropy
 
@@ -95,7 +109,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_cifar
     monkeypatch.setattr(mv, "cross_entropy", nan_in_the_second_epoch)
     with pytest.raises(SystemExit, match=r"the training loss became nan at step 5; stopping\. "
                                          r"the last good checkpoint \(after epoch 1\) is kept"):
-        train_cifar.main(args(cifar_dir, tmp_path / "run"))
+        train_cifar.main(args(cifar_dir, tmp_path / "run", *backend_flag(device)))
     assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")["epoch"] == 1
 
 
@@ -115,10 +129,11 @@ def test_missing_data_says_what_to_do(train_cifar, tmp_path):
                           "--out", str(tmp_path / "run")])
 
 
-def test_cupy_backend_without_cupy_is_a_clear_error(train_cifar, cifar_dir, tmp_path):
-    if backend.cupy_unavailable_reason() is None:
-        pytest.skip("CuPy works here")
-    with pytest.raises(SystemExit, match="CuPy"):
+def test_cupy_backend_without_cupy_is_a_clear_error(train_cifar, cifar_dir, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.delenv("MINIVIT_FAKE_CUPY", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", None)          # `import cupy` fails
+    with pytest.raises(SystemExit, match=r"CuPy, which is not installed.*\.\[cuda12\]"):
         train_cifar.main(args(cifar_dir, tmp_path / "run", "--backend", "cupy"))
 
 
@@ -132,7 +147,7 @@ def test_help_explains_every_flag(train_cifar, capsys):
         assert flag in text
 
 
-def test_fine_tuning_an_official_checkpoint(train_cifar, cifar_dir, tmp_path):
+def test_fine_tuning_an_official_checkpoint(train_cifar, cifar_dir, tmp_path, device):
     """--pretrained: the official weights, a new zero 10-class head, the position
     embeddings resized to the new resolution, and the official pixel / 127.5 - 1."""
     from minivit.nn import VisionTransformer
@@ -143,7 +158,7 @@ def test_fine_tuning_an_official_checkpoint(train_cifar, cifar_dir, tmp_path):
     train_cifar.main(["--preset", "finetune", "--pretrained", str(tmp_path / "ViT-tiny.npz"),
                       "--image-size", "16", "--epochs", "1", "--batch-size", "16",
                       "--data-dir", str(cifar_dir), "--no-download", "--no-progress",
-                      "--out", str(tmp_path / "ft")])
+                      "--out", str(tmp_path / "ft"), *backend_flag(device)])
     saved = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")
     c = saved["config"]
     assert (c["image_size"], c["num_classes"], c["gelu"]) == (16, 10, "tanh")
