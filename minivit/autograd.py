@@ -86,6 +86,10 @@ class Tensor:
         """The same values in a new tensor that is cut from the graph."""
         return Tensor(self.data)
 
+    def _accumulate_grad(self, g):
+        """grad += g, the first time as a copy (never alias an array of the graph)."""
+        self.grad = g.copy() if self.grad is None else self.grad + g
+
     def retain_grad(self):
         """Ask backward() to store .grad on this intermediate tensor as well."""
         self.retains_grad = True
@@ -273,7 +277,7 @@ def backward_walk(root, grad, retain_graph=False):
                 raise RuntimeError("backward() through a graph that an earlier backward() "
                                    "already released; pass retain_graph=True to the first "
                                    "backward() to go through the graph twice")
-            t.grad = g.copy() if t.grad is None else t.grad + g    # never alias another array
+            t._accumulate_grad(g)
             continue
         if t.retains_grad:
             t.grad = g.copy() if t.grad is None else t.grad + g

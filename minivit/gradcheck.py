@@ -82,7 +82,9 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
         raise ValueError("gradcheck: fn must return a Tensor computed from the inputs that "
                          f"require grad, got {type(y).__name__}")
     cotangent = backend.random_normal(y.shape, seed, like=y.data)
-    saved_grads = [args[i].grad for i in checked]     # float64 inputs are the caller's own
+    # float64 inputs are the caller's own: keep copies of their gradients (a parameter's
+    # .grad may be a view into an optimiser's flat buffer, which backward writes into)
+    saved_grads = [None if args[i].grad is None else args[i].grad.copy() for i in checked]
     for i in checked:
         args[i].grad = None
     try:

@@ -9,6 +9,13 @@ The decay is "decoupled": it shrinks w directly instead of being added to g, so 
 per-coordinate scaling does not weaken it for coordinates with large gradients.
 Global-norm clipping rescales every gradient by the same factor max_norm / ||g||,
 keeping the direction of the whole update.
+
+Fused updates.  Every line above is elementwise, so it holds for the concatenation of
+all parameters as well as for each one: the optimisers keep the parameters, their
+gradients and their state in flat buffers (decayed parameters first, so the decay is
+one slice w[:n]) and update the whole model with a dozen array operations.  Each
+element goes through the same operations in the same order as in the per-tensor loop
+the tests below write out, so the results are identical, not merely close.
 """
 import math
 
@@ -99,9 +106,9 @@ def test_clip_grad_norm(device):
     for p, g in zip(params, grads[0]):
         p.grad = mv.backend.to_device(g.copy(), device)
     norm = math.sqrt(sum((g ** 2).sum() for g in grads[0]))
-    assert clip_grad_norm(params, max_norm=1e9) == pytest.approx(norm, rel=1e-12)
+    assert float(clip_grad_norm(params, max_norm=1e9)) == pytest.approx(norm, rel=1e-12)
     np.testing.assert_array_equal(mv.backend.to_numpy(params[0].grad), grads[0][0])  # untouched
-    assert clip_grad_norm(params, max_norm=1.0) == pytest.approx(norm, rel=1e-12)
+    assert float(clip_grad_norm(params, max_norm=1.0)) == pytest.approx(norm, rel=1e-12)
     clipped = math.sqrt(sum(float((mv.backend.to_numpy(p.grad) ** 2).sum()) for p in params))
     assert clipped == pytest.approx(1.0, rel=1e-5)
     np.testing.assert_allclose(mv.backend.to_numpy(params[0].grad), grads[0][0] / norm, rtol=1e-5)
@@ -110,7 +117,8 @@ def test_clip_grad_norm(device):
 def test_clip_grad_norm_reports_non_finite_norms(device):
     p = Parameter(mv.backend.to_device(np.zeros(2), device))
     p.grad = mv.backend.to_device(np.array([1.0, np.inf]), device)
-    assert math.isinf(clip_grad_norm([p], 1.0))
+    assert math.isinf(float(clip_grad_norm([p], 1.0)))
+    np.testing.assert_array_equal(mv.backend.to_numpy(p.grad), [1.0, np.inf])   # not clipped
 
 
 def test_warmup_then_cosine():
@@ -146,3 +154,126 @@ def test_adamw_leaves_no_decay_parameters_alone(device):
     np.testing.assert_array_equal(after["pos_embed"].numpy(), before["pos_embed"])
     np.testing.assert_allclose(after["blocks.0.mlp.fc1.weight"].numpy(),
                                before["blocks.0.mlp.fc1.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+# --- flat buffers and fused updates ---------------------------------------------------
+
+def per_tensor_adamw(params, grads, lr, betas, eps, wd, decays):
+    """The per-parameter AdamW loop the fused update replaces (one tensor at a time)."""
+    b1, b2 = betas
+    w = [p.copy() for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    for t, step_grads in enumerate(grads, start=1):
+        for i, g in enumerate(step_grads):
+            m[i] *= b1
+            m[i] += (1 - b1) * g
+            v[i] *= b2
+            v[i] += (1 - b2) * (g * g)
+            step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            eps_hat = eps * math.sqrt(1 - b2 ** t)
+            if wd and decays[i]:
+                w[i] -= (lr * wd) * w[i]
+            w[i] -= step_size * m[i] / (np.sqrt(v[i]) + eps_hat)
+    return w
+
+
+def per_tensor_sgd(params, grads, lr, momentum, wd, nesterov, decays):
+    w = [p.copy() for p in params]
+    b = [None] * len(params)
+    for step_grads in grads:
+        for i, g in enumerate(step_grads):
+            if b[i] is None:
+                b[i] = g.copy()
+            else:
+                b[i] *= momentum
+                b[i] += g
+            d = g + momentum * b[i] if nesterov else b[i]
+            if wd and decays[i]:
+                d = d + wd * w[i]
+            w[i] -= lr * d
+    return w
+
+
+def many_params(device, seed=1):
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (4,), (1, 5, 2), (2, 2), (6,)]
+    w0 = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
+    return [Parameter(mv.backend.to_device(w.copy(), device)) for w in w0], w0, grads
+
+
+def test_fused_adamw_equals_the_per_tensor_loop_exactly(device):
+    params, w0, grads = many_params(device)
+    no_decay = [params[2]]                 # like ViT's position embeddings: 3 axes, not decayed
+    opt = AdamW(params, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                no_decay=no_decay)
+    got = run(opt, params, grads, device)
+    decays = [w.ndim >= 2 and i != 2 for i, w in enumerate(w0)]
+    want = per_tensor_adamw(w0, grads, 0.01, (0.9, 0.99), 1e-8, 0.1, decays)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_equals_the_per_tensor_loop_exactly(device, nesterov):
+    params, w0, grads = many_params(device)
+    opt = SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov,
+              no_decay=[params[1]])
+    got = run(opt, params, grads, device)
+    want = per_tensor_sgd(w0, grads, 0.1, 0.9, 0.01, nesterov, [i != 1 for i in range(5)])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_parameters_and_gradients_are_views_of_one_buffer(device):
+    params, w0, _ = many_params(device)
+    opt = SGD(params, lr=0.1, momentum=0.0)
+    (buffer,) = opt.buffers
+    assert buffer.data.shape == (sum(w.size for w in w0),)
+    buffer.data[...] = 7.0                                   # writes reach every parameter
+    assert all((p.numpy() == 7.0).all() for p in params)
+    y = (params[0] * params[0]).sum() + params[1].sum()
+    y.backward()                                             # gradients land in the buffer
+    grad = mv.backend.to_numpy(buffer.grad)
+    o = buffer.offsets[buffer.params.index(params[0])]
+    np.testing.assert_array_equal(grad[o:o + 12], np.full(12, 14.0))
+    params[0].grad = mv.backend.to_device(np.ones((3, 4)), device)    # assigning copies in
+    assert params[0].grad is not None and mv.backend.to_numpy(buffer.grad)[o] == 1.0
+    opt.zero_grad()
+    assert all(p.grad is None for p in params) and not mv.backend.to_numpy(buffer.grad).any()
+    with pytest.raises(ValueError, match=r"expected an array of shape \(4,\)"):
+        params[1].grad = mv.backend.to_device(np.ones(3), device)
+
+
+def test_an_optimiser_refuses_parameters_moved_after_it_was_made(device):
+    from minivit.nn import VisionTransformer
+    model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=1,
+                              num_heads=2, mlp_dim=16).to(device)
+    opt = AdamW(model.parameters(), lr=0.1)
+    state = model.state_dict()
+    model.load_state_dict(state)                             # same shapes: copied in place
+    opt.step()
+    model.astype("float64")
+    with pytest.raises(RuntimeError, match="create the optimiser after model.to"):
+        opt.step()
+    AdamW(model.parameters(), lr=0.1).step()                 # a new optimiser is fine
+
+
+def test_a_step_and_clipping_cost_a_fixed_number_of_launches_and_no_read(standin):
+    """On the GPU each array operation is a kernel launch: the fused update is a dozen,
+    whatever the number of parameters, and clipping never waits for the device."""
+    launches = []
+    for n in (5, 50):
+        params = [Parameter(mv.backend.to_device(np.ones((2, 3)), "cuda")) for _ in range(n)]
+        opt = AdamW(params, lr=0.1, weight_decay=0.1)
+        for p in params:
+            p.grad = mv.backend.to_device(np.ones((2, 3)), "cuda")
+        standin.reset()
+        clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        counts = standin.counts()
+        assert counts["reads"] == 0 and counts["copies"] == 0
+        launches.append(counts["launches"])
+    assert launches[0] == launches[1] <= 30, launches        # 11 clipping, 14 AdamW, 1 fill
