@@ -17,7 +17,7 @@ from minivit.ops.basic import (add, broadcast_to, concatenate, div, exp, getitem
                                swapaxes, tanh, transpose)
 from minivit.ops.activation import dropout, erf, gelu, log_softmax, softmax
 from minivit.ops.attention import attention, multi_head_attention
-from minivit.ops.loss import accuracy, cross_entropy
+from minivit.ops.loss import accuracy, correct, cross_entropy
 from minivit.ops.norm import layer_norm
 from minivit.ops.patch import col2im, conv2d, im2col, patch_embed, patchify, unpatchify
 from minivit import nn

@@ -194,3 +194,37 @@ def test_accuracy(device, rng):
     assert accuracy(z, z.argmax(-1)) == 1.0                              # a raw array works
     with pytest.raises(ValueError, match="got 2 labels for a batch of 8"):
         accuracy(_t(z, device), labels[:2])
+
+
+def test_labels_on_the_device_are_checked_there(device):
+    """Host labels get a clear error; labels already on the device are checked on the
+    device (a read would stall a GPU every step): a bad one makes the loss NaN."""
+    z = _t(np.zeros((3, 4)), device)
+    on_device = mv.backend.to_device(np.array([0, 4, 1]), device)
+    if device == "cpu":                     # NumPy labels are host labels
+        with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+            cross_entropy(z, on_device)
+        return
+    assert np.isnan(cross_entropy(z, on_device).item())
+    assert np.isnan(cross_entropy(z, mv.backend.to_device(np.full((3, 4), 0.5), device)).item())
+    good = mv.backend.to_device(np.array([0, 3, 1]), device)
+    assert cross_entropy(z, good).item() == pytest.approx(np.log(4))
+
+
+def test_correct_counts_on_the_device(device, rng):
+    z = rng.standard_normal((8, 3))
+    labels = rng.integers(0, 3, 8)
+    got = mv.correct(_t(z, device), mv.backend.to_device(labels, device))
+    assert mv.backend.device_of(got) == device and got.ndim == 0
+    assert int(got) == int((z.argmax(-1) == labels).sum())
+
+
+def test_a_loss_on_device_labels_reads_nothing_back(standin):
+    z = mv.tensor(np.random.default_rng(0).standard_normal((8, 3)), device="cuda",
+                  requires_grad=True)
+    labels = mv.backend.to_device(np.arange(8) % 3, "cuda")
+    standin.reset()
+    loss = cross_entropy(z, labels, label_smoothing=0.1)
+    loss.backward()
+    mv.correct(z, labels)
+    assert standin.counts()["reads"] == 0 and standin.counts()["copies"] == 0

@@ -19,15 +19,21 @@ class CrossEntropy(Function):
                  = (p_bj - t_bj) / B,
     so dz = g (softmax(z) - t) / B: the predicted distribution minus the target.
     The forward uses the stable log-softmax, z - max - log sum exp(z - max).
+    `valid`, a 0-d boolean array or None, turns the loss into NaN where False: targets
+    already on the GPU are checked there, without making the host wait for the answer.
     """
 
-    def __init__(self, targets):
-        self.t = targets
+    def __init__(self, targets, valid=None):
+        self.t, self.valid = targets, valid
 
     def forward(self, z):
+        xp = array_module(z)
         log_p = log_softmax_array(z, axis=-1)
-        self.p = array_module(z).exp(log_p)
-        return -(self.t * log_p).sum() / z.shape[0]
+        self.p = xp.exp(log_p)
+        loss = -(self.t * log_p).sum() / z.shape[0]
+        if self.valid is not None:
+            loss = xp.where(self.valid, loss, xp.nan).astype(loss.dtype)
+        return loss
 
     def backward(self, g):
         return g * (self.p - self.t) / self.p.shape[0]
@@ -42,14 +48,19 @@ def _logits_array(name, logits):
 
 
 def _labels_array(name, labels, z):
-    """labels as a raw array on z's device (moved there if needed), checked against the
-    logits z: integer class indices of shape (B,) or targets of shape (B, K)."""
+    """labels as a raw array on z's device, checked against the logits z: integer class
+    indices of shape (B,) or targets of shape (B, K).  Labels given on the host (a list,
+    a NumPy array) have their values checked there before they are copied to the device;
+    labels already on the GPU only their shape and dtype (reading values back would stall
+    the GPU every step: see cross_entropy)."""
     if isinstance(labels, Tensor):
         if labels.requires_grad:
             raise ValueError(f"{name}: labels must not require grad (the loss is not "
                              "differentiated with respect to its targets); pass labels.detach()")
         labels = labels.data
-    labels = backend.asarray(labels, device=backend.device_of(z))
+    on_gpu = backend.is_array(labels) and backend.device_of(labels) == "cuda"
+    if not on_gpu:
+        labels = backend.asarray(labels, device="cpu")
     b, k = z.shape
     if labels.ndim == 1:
         if labels.dtype.kind not in "iu":
@@ -58,10 +69,22 @@ def _labels_array(name, labels, z):
         if labels.shape[0] != b:
             raise ValueError(f"{name}: got {labels.shape[0]} labels for a batch of {b} logits "
                              f"(logits shape {tuple(z.shape)})")
+        if not on_gpu:
+            bad = labels[(labels < 0) | (labels >= k)]
+            if bad.size:
+                raise ValueError(f"{name}: labels must be class indices in [0, {k}) for "
+                                 f"{k} classes, got {int(bad[0])}")
     elif tuple(labels.shape) != (b, k):
         raise ValueError(f"{name}: labels must be class indices of shape ({b},) or targets "
                          f"of shape ({b}, {k}) like the logits, got shape {tuple(labels.shape)}")
-    return labels
+    elif not on_gpu and b:
+        row_sums = labels.sum(axis=-1)
+        worst = abs(row_sums - 1).argmax()
+        if abs(row_sums[worst] - 1) > 1e-3:
+            raise ValueError("cross_entropy: each row of (B, K) targets must sum to 1 (a "
+                             f"probability distribution), got row sums as far off as "
+                             f"{float(row_sums[worst]):.6g}")
+    return backend.asarray(labels, device=backend.device_of(z))
 
 
 def cross_entropy(logits, labels, label_smoothing=0.0):
@@ -71,38 +94,43 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     whose rows sum to 1 (one-hot or soft), as a raw array, a list or a tensor without
     grad; they are moved to the logits' device.  With label_smoothing s the target is
     t = (1 - s) t + s / K (Szegedy et al. 2016), e.g. s = 0.1.
+    Labels on the host are checked there (a clear error for a class index out of range).
+    Labels already on the GPU are checked on the GPU: a bad one makes the loss NaN, which
+    a training loop's check for non-finite losses catches, and the host never waits.
     """
     z = _logits_array("cross_entropy", logits)
     if isinstance(label_smoothing, bool) or not 0 <= label_smoothing <= 1:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], "
                          f"got {label_smoothing!r}")
+    on_gpu = backend.is_array(labels) and backend.device_of(labels) == "cuda"
     labels = _labels_array("cross_entropy", labels, z)
     xp = array_module(z)
     b, k = z.shape
     if labels.ndim == 1:
-        if b and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            bad = labels[(labels < 0) | (labels >= k)]
-            raise ValueError(f"cross_entropy: labels must be class indices in [0, {k}) for "
-                             f"{k} classes, got {int(bad[0])}")
-        t = xp.zeros_like(z)
-        t[xp.arange(b), labels] = 1
+        t = (labels[:, None] == xp.arange(k)).astype(z.dtype)    # one-hot; 0 for a bad label
+        valid = t.sum() == b if on_gpu else None
     else:
         t = labels.astype(z.dtype, copy=False)
-        row_sums = t.sum(axis=-1)
-        if b and float(xp.abs(row_sums - 1).max()) > 1e-3:
-            raise ValueError("cross_entropy: each row of (B, K) targets must sum to 1 (a "
-                             f"probability distribution), got row sums as far off as "
-                             f"{float(row_sums[xp.abs(row_sums - 1).argmax()]):.6g}")
+        valid = (xp.abs(t.sum(axis=-1) - 1) <= 1e-3).all() if on_gpu else None
     if label_smoothing:
         t = (1 - label_smoothing) * t + label_smoothing / k
-    return CrossEntropy(t)(logits)
+    return CrossEntropy(t, valid)(logits)
+
+
+def correct(logits, labels):
+    """How many rows have their largest logit at the label: a 0-d integer array on the
+    logits' device (add these up over batches and read the total once).
+    labels: class indices (B,) or targets (B, K), whose argmax is then the class."""
+    z = _logits_array("correct", logits)
+    labels = _labels_array("correct", labels, z)
+    if labels.ndim == 2:
+        labels = labels.argmax(axis=-1)
+    return (z.argmax(axis=-1) == labels).sum()
 
 
 def accuracy(logits, labels):
-    """The fraction of rows whose largest logit is at the label (a Python float, no grad).
-    labels: class indices (B,) or targets (B, K), whose argmax is then the class."""
+    """The fraction of rows whose largest logit is at the label (a Python float, no grad;
+    one read from the device: in a training loop, sum `correct` instead)."""
     z = _logits_array("accuracy", logits)
     labels = _labels_array("accuracy", labels, z)
-    if labels.ndim == 2:
-        labels = labels.argmax(axis=-1)
-    return float((z.argmax(axis=-1) == labels).sum()) / z.shape[0]
+    return int(correct(z, labels)) / z.shape[0]
