@@ -215,17 +215,21 @@ def settings_from(args):
 # --- one epoch ------------------------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+    """A one-line progress bar on stderr.  `due()` says when to read the running totals
+    from the device: at most 10 times a second (each read makes the host wait for the
+    GPU), whether or not the bar is shown."""
 
     def __init__(self, total, label, enabled=True):
         self.total, self.label, self.enabled = total, label, enabled
         self.start = self.last = time.perf_counter()
 
+    def due(self):
+        return time.perf_counter() - self.last >= 0.1
+
     def update(self, done, text=""):
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.1 and done < self.total):
+        now = self.last = time.perf_counter()
+        if not self.enabled:
             return
-        self.last = now
         filled = int(30 * done / self.total)
         rate = done / max(now - self.start, 1e-9)
         sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}"
@@ -239,12 +243,26 @@ class Progress:
 
 
 def train_epoch(model, optimizer, loader, epoch, s, show_progress):
+    """One epoch of training steps.  A step reads nothing back from the device: the loss
+    and the correct answers are summed there, with the first step whose loss was not
+    finite, and the three are read together (one read) at most 10 times a second and at
+    the end of the epoch.  A NaN or infinite loss is reported with its step; the steps
+    run after it before that read are at most those of 0.1 s (the epoch is not saved)."""
     model.train()
     model.random_source.reseed(s.seed * 1_000_003 + epoch)     # dropout masks of this epoch
     total_steps, warmup_steps, epochs = s.schedule(loader.num_batches())
     micro = -(-s.batch_size // s.accumulate)                   # images per forward pass
-    loss_sum = correct = seen = 0
+    xp = backend.array_module(optimizer.buffers[0].data)
+    loss_sum, correct, bad_step = (xp.zeros((), dtype="float64") for _ in range(3))
+    seen = 0
     bar = Progress(loader.num_images(), f"epoch {epoch + 1}/{epochs}", show_progress)
+
+    def read():
+        totals = backend.to_numpy(xp.stack([loss_sum, correct, bad_step]))   # the one read
+        if totals[2]:
+            return None, f"the training loss became {totals[0] / seen:g} at step {int(totals[2])}"
+        return totals, None
+
     for images, labels in loader.epoch(epoch):
         if optimizer.steps >= total_steps:
             break
@@ -256,38 +274,45 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
             y = labels[start:start + micro]
             logits = model(mv.Tensor(x))
             loss = mv.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
-            value = loss.item()
-            if not math.isfinite(value):
-                bar.close()
-                return None, f"the training loss became {value} at step {optimizer.steps + 1}"
             (loss * (len(y) / n)).backward()       # the batch's mean loss, in parts
-            loss_sum += value * len(y)
-            correct += mv.accuracy(logits, y) * len(y)
-        norm = clip_grad_norm(model.parameters(), s.clip_norm or None)
-        if not math.isfinite(norm):
-            bar.close()
-            return None, f"the gradient norm became {norm} at step {optimizer.steps + 1}"
+            loss_sum += loss.data * len(y)
+            correct += mv.correct(logits, y)
+            bad_step = xp.where((bad_step == 0) & ~xp.isfinite(loss.data),
+                                optimizer.steps + 1, bad_step)
+        clip_grad_norm(model.parameters(), s.clip_norm or None)   # a NaN norm: NaN next loss
         optimizer.step()
         seen += n
-        bar.update(seen, f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+        if bar.due():
+            totals, problem = read()
+            if problem:
+                bar.close()
+                return None, problem
+            bar.update(seen, f"loss {totals[0] / seen:.3f} acc {totals[1] / seen:.3f}")
     bar.close()
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
+    totals, problem = read()
+    if problem:
+        return None, problem
+    return {"train_loss": float(totals[0]) / seen, "train_acc": float(totals[1]) / seen,
             "train_images": seen}, None
 
 
 def evaluate(model, images, labels, batch_size, mean, std, device):
+    """Test loss and accuracy, summed on the device and read once."""
     model.eval()
-    loss_sum = correct = 0.0
+    xp = backend.module_for(device)
+    loss_sum, correct = xp.zeros((), dtype="float64"), xp.zeros((), dtype="float64")
     with mv.no_grad():
         for start in range(0, len(images), batch_size):
             x = backend.asarray(data.normalize(images[start:start + batch_size], mean, std),
                                 device=device)
             x = resize_bilinear(x, model.config.image_size)
-            y = labels[start:start + batch_size]
+            y = backend.asarray(labels[start:start + batch_size], device=device)
             logits = model(mv.Tensor(x))
-            loss_sum += mv.cross_entropy(logits, y).item() * len(y)
-            correct += mv.accuracy(logits, y) * len(y)
-    return {"test_loss": loss_sum / len(images), "test_acc": correct / len(images)}
+            loss_sum += mv.cross_entropy(logits, y).data * len(y)
+            correct += mv.correct(logits, y)
+    totals = backend.to_numpy(xp.stack([loss_sum, correct]))
+    return {"test_loss": float(totals[0]) / len(images),
+            "test_acc": float(totals[1]) / len(images)}
 
 
 # --- logs and curves --------------------------------------------------------------------
@@ -369,6 +394,10 @@ def main(argv=None):
                 f"in the cache folder {data.default_cache_dir()})" if args.data_dir else "")
         sys.exit(f"error: {e}{hint}")
     train_x, train_y = cifar.train_images, cifar.train_labels
+    for name, y in (("training", train_y), ("test", cifar.test_labels)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= 10):      # host arrays: no GPU read
+            sys.exit(f"error: the {name} labels must be classes 0-9, found {int(y.min())}.."
+                     f"{int(y.max())}")
     if s.train_subset:
         train_x, train_y = train_x[:s.train_subset], train_y[:s.train_subset]
 
