@@ -274,7 +274,9 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
             y = labels[start:start + micro]
             logits = model(mv.Tensor(x))
             loss = mv.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
-            (loss * (len(y) / n)).backward()       # the batch's mean loss, in parts
+            # the batch's mean loss, in parts: seed backward with d(loss * w)/d(loss) = w,
+            # made on the device (a Python number in the graph would be copied up)
+            loss.backward(xp.full((), len(y) / n, dtype=loss.dtype))
             loss_sum += loss.data * len(y)
             correct += mv.correct(logits, y)
             bad_step = xp.where((bad_step == 0) & ~xp.isfinite(loss.data),

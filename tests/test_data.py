@@ -1,4 +1,4 @@
-"""CIFAR-10 on the host: the file format, safe loading, download, augmentation, batching.
+"""CIFAR-10: the file format, safe loading, download, augmentation, batching on the device.
 
 The format.  A CIFAR-10 batch is a pickled dict whose b"data" is uint8 (n, 3072): row r
 holds image r as [R plane | G plane | B plane], each plane 32 x 32 row-major, so
@@ -24,11 +24,16 @@ Augmentation.  For offsets (dy, dx) in 0..2p and a flip bit per image,
 
     out[n, c, i, j] = pad(x)[n, c, dy_n + i, dx_n + j']     j' = W-1-j if flipped else j,
 
-checked against a loop over images.  Normalisation: x = (pixel / 255 - mean) / std.
+checked against a loop over images, on both devices; the padding is never built: a
+pixel outside the image reads a clipped index and is multiplied by 0.  Normalisation:
+x = (pixel / 255 - mean) / std.
 
 Batching.  Epoch e's order comes from default_rng([seed, e, 0, 0]) and batch b's
 augmentation from default_rng([seed, e, 1, b]); so (seed, epoch, batch) fixes a batch
-and a run resumed at epoch k, or mid-epoch, sees the batches an unbroken run saw.
+and a run resumed at epoch k, or mid-epoch, sees the batches an unbroken run saw.  The
+images and labels go to the device once; an epoch's draws are made on the host and go
+there in one copy; each batch is then device arithmetic, and equals, array for array,
+the host recipe cutout(normalize(random_crop_flip(images[order[batch]], rng)), rng).
 """
 import hashlib
 import io
@@ -46,9 +51,9 @@ import pytest
 from minivit import backend
 from minivit.data import (CIFAR10_MEAN, CIFAR10_STD, CLASSES, ChecksumError, CifarFormatError,
                           CifarNotFoundError, DataError, DownloadError, Loader, UnsafeArchiveError,
-                          UnsafePickleError, batches, channel_stats, cutout, default_cache_dir,
-                          download_cifar10, find_or_download, load_cifar10, normalize,
-                          random_crop_flip, read_batch, safe_extract)
+                          UnsafePickleError, batches, channel_stats, crop_flip_at, cutout,
+                          default_cache_dir, download_cifar10, find_or_download, load_cifar10,
+                          normalize, random_crop_flip, read_batch, safe_extract)
 from minivit.data.download import progress_line
 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -360,25 +365,46 @@ def test_cache_folder_and_progress_line(tmp_path, monkeypatch):
 
 # --- augmentation and normalisation ----------------------------------------------------
 
-def test_crop_and_flip_match_a_loop_over_images():
+def padded_crop(image, dy, dx, flip, padding=4):
+    """One image (C, H, W) padded with zeros, cropped at (dy, dx), maybe mirrored: a loop's way."""
+    c, h, w = image.shape
+    padded = np.zeros((c, h + 2 * padding, w + 2 * padding), image.dtype)
+    padded[:, padding:padding + h, padding:padding + w] = image
+    crop = padded[:, dy:dy + h, dx:dx + w]
+    return crop[:, :, ::-1] if flip else crop
+
+
+def test_crop_and_flip_match_a_loop_over_images(device):
     images = np.random.default_rng(1).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
-    out = random_crop_flip(images, np.random.default_rng(7), padding=4)
+    out = backend.to_numpy(random_crop_flip(backend.asarray(images, device=device),
+                                            np.random.default_rng(7), padding=4))
     rng = np.random.default_rng(7)                   # the same draws, in the documented order
     dy, dx, flips = rng.integers(0, 9, 64), rng.integers(0, 9, 64), rng.random(64) < 0.5
     assert 10 < flips.sum() < 54 and len(set(dy)) > 5
     for n in range(64):
-        padded = np.zeros((3, 40, 40), np.uint8)
-        padded[:, 4:36, 4:36] = images[n]
-        crop = padded[:, dy[n]:dy[n] + 32, dx[n]:dx[n] + 32]
-        np.testing.assert_array_equal(out[n], crop[:, :, ::-1] if flips[n] else crop)
+        np.testing.assert_array_equal(out[n], padded_crop(images[n], dy[n], dx[n], flips[n]))
     assert out.dtype == np.uint8
     same = random_crop_flip(images, np.random.default_rng(7), padding=0, flip=False)
     np.testing.assert_array_equal(same, images)
 
 
-def test_cutout_matches_a_loop_over_images():
+def test_crop_flip_at_gathers_from_the_whole_set(device):
+    # the Loader's gather: images[index] cropped and flipped, straight from the resident set
+    images = np.random.default_rng(8).integers(0, 256, (10, 3, 6, 5), dtype=np.uint8)
+    index, flips = np.array([3, 3, 0, 9, 7]), np.array([0, 1, 1, 0, 1])
+    dy, dx = np.array([0, 6, 2, 3, 5]), np.array([6, 0, 1, 3, 4])       # padding 3: 0..6
+    on_device = [backend.asarray(a, device=device) for a in (images, index, dy, dx, flips)]
+    out = crop_flip_at(*on_device, padding=3)
+    assert out.shape == (5, 3, 6, 5) and out.dtype == np.uint8
+    for n in range(5):
+        np.testing.assert_array_equal(backend.to_numpy(out[n]), padded_crop(
+            images[index[n]], dy[n], dx[n], flips[n], padding=3))
+
+
+def test_cutout_matches_a_loop_over_images(device):
     x = np.random.default_rng(2).standard_normal((40, 3, 32, 32)).astype(np.float32)
-    out = cutout(x, np.random.default_rng(3), size=16)
+    out = backend.to_numpy(cutout(backend.asarray(x, device=device), np.random.default_rng(3),
+                                  size=16))
     rng = np.random.default_rng(3)
     cy, cx = rng.integers(0, 32, 40), rng.integers(0, 32, 40)
     for n in range(40):
@@ -407,6 +433,13 @@ def test_normalisation_constants_and_channel_stats():
     np.testing.assert_allclose(z.std(axis=(0, 2, 3)), 1, atol=1e-5)
     with pytest.raises(ValueError, match=r"a mean and std per channel \(3 values each\), got 2"):
         normalize(images, (0.5, 0.5), (0.2, 0.2, 0.2))
+
+
+def test_normalize_on_the_device_gives_the_host_values(device):
+    images = np.random.default_rng(4).integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
+    x = normalize(backend.asarray(images, device=device))
+    assert backend.device_of(x) == device
+    np.testing.assert_array_equal(backend.to_numpy(x), normalize(images))
 
 
 # --- batching -------------------------------------------------------------------------
@@ -464,6 +497,93 @@ def test_same_seed_same_batches_and_resuming(device):
     np.testing.assert_array_equal(uninterrupted[2][4][0], want)
 
 
+def host_recipe(images, seed, epoch, batch_size, augment):
+    """Epoch `epoch` batch by batch as the host functions define it, one image array at a time."""
+    order = np.random.default_rng([seed, epoch, 0, 0]).permutation(len(images))
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        index = order[start:start + batch_size]
+        rng = np.random.default_rng([seed, epoch, 1, b])
+        x = images[index]
+        if augment == "none":
+            yield normalize(x), index
+        elif augment == "standard":
+            yield normalize(random_crop_flip(x, rng)), index
+        else:
+            yield cutout(normalize(random_crop_flip(x, rng)), rng), index
+
+
+@pytest.mark.parametrize("augment", ["none", "standard", "strong"])
+def test_device_batches_equal_the_host_recipe(device, augment):
+    images, labels = dataset()
+    loader = Loader(images, labels, batch_size=8, seed=6, augment=augment, device=device)
+    for epoch in (0, 3):
+        got = as_numpy(loader.epoch(epoch))
+        want = list(host_recipe(images, 6, epoch, 8, augment))
+        assert len(got) == len(want) == 5
+        for (x, y), (want_x, want_y) in zip(got, want):
+            assert x.dtype == np.float32 and y.dtype == np.int64
+            np.testing.assert_array_equal(x, want_x)
+            np.testing.assert_array_equal(y, want_y)          # label = index here
+        # resuming mid-epoch yields the tail of the epoch, batch for batch
+        tail = as_numpy(loader.epoch(epoch, start=2))
+        assert len(tail) == 3
+        for (x, y), (want_x, want_y) in zip(tail, want[2:]):
+            np.testing.assert_array_equal(x, want_x)
+            np.testing.assert_array_equal(y, want_y)
+        assert list(loader.epoch(epoch, start=5)) == []
+        dropped = as_numpy(Loader(images, labels, 8, seed=6, augment=augment, device=device,
+                                  drop_last=True).epoch(epoch))
+        assert len(dropped) == 4
+        for (x, _), (want_x, _) in zip(dropped, want):
+            np.testing.assert_array_equal(x, want_x)
+    # another epoch, other batches
+    assert not np.array_equal(as_numpy(loader.epoch(0))[0][0], as_numpy(loader.epoch(1))[0][0])
+
+
+def test_on_numpy_the_set_is_not_copied():
+    images, labels = dataset()
+    loader = Loader(images, labels, batch_size=8, device="cpu")
+    assert loader.images is images and loader.labels is labels
+
+
+def test_the_set_moves_once_and_an_epoch_in_one_copy(standin):
+    images, labels = dataset()
+    loader = Loader(images, labels, batch_size=8, augment="strong", device="cuda")
+    # images, labels and the normalisation constants (scale and shift in one array)
+    assert standin.counts()["copies"] == 3 and standin.counts()["reads"] == 0
+    for epoch in range(2):
+        standin.reset()
+        batches_ = loader.epoch(epoch)                    # the epoch's draws, in one copy
+        first = next(batches_)
+        assert standin.counts()["copies"] == 1 and standin.counts()["reads"] == 0
+        assert backend.device_of(first[0]) == backend.device_of(first[1]) == "cuda"
+        per_batch = []
+        standin.reset()
+        for _ in batches_:                                # batches 1..4: device work only
+            per_batch.append(standin.counts())
+            standin.reset()
+        assert len(per_batch) == 4
+        assert all(c["copies"] == 0 and c["reads"] == 0 for c in per_batch), per_batch
+        # the same few launches in every batch (index arithmetic, gather, normalise, Cutout)
+        assert len({c["launches"] for c in per_batch}) == 1 and per_batch[0]["launches"] < 50
+
+
+def test_labels_are_checked_once_against_num_classes():
+    images, _ = dataset()
+    labels = np.arange(37) % 10
+    Loader(images, labels, 8, num_classes=10)               # all in [0, 10)
+    labels[[5, 20]] = [10, -1]
+    with pytest.raises(ValueError, match=r"Loader: expected labels in \[0, 10\), got 10 at "
+                       r"index 5"):
+        Loader(images, labels, 8, num_classes=10)
+    labels[5] = 3
+    with pytest.raises(ValueError, match=r"expected labels in \[0, 10\), got -1 at index 20"):
+        Loader(images, labels, 8, num_classes=10)
+    Loader(images, labels, 8)                               # unchecked without num_classes
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 1, got 0"):
+        Loader(images, labels, 8, num_classes=0)
+
+
 def test_batches_function_and_errors():
     images, labels = dataset()
     a = as_numpy(batches(images, labels, 8, seed=2, epoch=5, augment="standard"))
@@ -472,6 +592,16 @@ def test_batches_function_and_errors():
     c = as_numpy(batches(images, labels, 8, rng=np.random.default_rng(0)))
     d = as_numpy(batches(images, labels, 8, rng=np.random.default_rng(0)))
     assert all(np.array_equal(p[1], q[1]) for p, q in zip(c, d)) and len(c) == 5
+    # with rng: the order, then batch after batch the draws of the host functions
+    rng = np.random.default_rng(9)
+    e = as_numpy(batches(images, labels, 8, augment="strong", rng=rng))
+    rng = np.random.default_rng(9)
+    order = rng.permutation(37)
+    for b, (x, y) in enumerate(e):
+        index = order[8 * b:8 * b + 8]
+        np.testing.assert_array_equal(y, index)
+        np.testing.assert_array_equal(x, cutout(normalize(random_crop_flip(images[index], rng)),
+                                                rng))
     with pytest.raises(ValueError, match=r"augment must be 'none', 'standard' \(crop and flip\) "
                        r"or 'strong' \(also Cutout\), or a bool; got 'cutout'"):
         Loader(images, labels, 8, augment="cutout")

@@ -1,4 +1,5 @@
-"""CIFAR-10 for minivit: reading, downloading, augmentation and batching, all on the host.
+"""CIFAR-10 for minivit: reading and downloading on the host; augmentation and batching on
+the device, where the training set is kept.
 
     from minivit.data import Loader, find_or_download
     cifar = find_or_download(data_dir)       # found, or downloaded, then loaded
@@ -13,11 +14,14 @@ wrong arguments raise ValueError.
 
 cifar.py      the batch files, read with an unpickler that can only rebuild arrays
 download.py   the cache folder, download with MD5 check, safe unpacking
-augment.py    random crop and flip, Cutout, per-channel normalisation (batched)
-loader.py     Loader: shuffled, augmented batches, reproducible from (seed, epoch)
+augment.py    random crop and flip, Cutout, per-channel normalisation (batched; NumPy or
+              CuPy arrays; the random draws always on the host)
+loader.py     Loader: the set on the device, shuffled, augmented batches made there,
+              reproducible from (seed, epoch)
 """
-from minivit.data.augment import (CIFAR10_MEAN, CIFAR10_STD, channel_stats, cutout, normalize,
-                                  random_crop_flip)
+from minivit.data.augment import (CIFAR10_MEAN, CIFAR10_STD, channel_stats, crop_flip_at,
+                                  crop_flip_draws, cutout, cutout_at, cutout_draws, normalization,
+                                  normalize, random_crop_flip)
 from minivit.data.cifar import (CLASSES, Cifar10, CifarFormatError, CifarNotFoundError,
                                 DataError, RestrictedUnpickler, UnsafePickleError,
                                 load_cifar10, locate_cifar10, read_batch)
@@ -30,6 +34,7 @@ __all__ = ["CIFAR10_MD5", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_URL", "CLASSES
            "Cifar10", "CifarFormatError", "CifarNotFoundError", "DataError", "DownloadError",
            "Loader",
            "RestrictedUnpickler", "UnsafeArchiveError", "UnsafePickleError", "batches",
-           "channel_stats", "cutout", "default_cache_dir", "download_cifar10",
-           "find_or_download", "load_cifar10", "locate_cifar10", "normalize",
+           "channel_stats", "crop_flip_at", "crop_flip_draws", "cutout", "cutout_at",
+           "cutout_draws", "default_cache_dir", "download_cifar10",
+           "find_or_download", "load_cifar10", "locate_cifar10", "normalization", "normalize",
            "random_crop_flip", "read_batch", "safe_extract"]

@@ -1,4 +1,4 @@
-"""Mini-batches for training, reproducible from (seed, epoch).
+"""Mini-batches for training, reproducible from (seed, epoch), made on the device.
 
     train = Loader(train_images, train_labels, batch_size=128, augment="standard", seed=0)
     for epoch in range(start_epoch, epochs):
@@ -6,8 +6,19 @@
             ...
     test = Loader(test_images, test_labels, batch_size=500, shuffle=False)
 
-Each batch is gathered, augmented and normalised on the host as float32 NCHW, then
-moved to the device once (`backend.asarray(batch, device=...)`).
+The training set lives on the device: the uint8 images and the labels are copied there
+once, when the Loader is made (on NumPy, contiguous images and int64 labels are not
+copied at all).  The random numbers
+are drawn on the host, by NumPy generators, a whole epoch at a time: at the start of
+epoch(e) the order and every batch's crop offsets, flips and Cutout centres are packed
+into one int64 array, its columns the images of the epoch in visiting order,
+
+    plan[0] = index    plan[1:4] = dy, dx, flip    plan[4:6] = cy, cx   ("strong" only)
+
+and moved to the device in one copy.  Each batch is then a slice of the plan, and its
+images are gathered, cropped, flipped, normalised and cut out by device arithmetic
+(augment.crop_flip_at, augment.cutout_at): no copy to the device and no read back from
+it inside an epoch.
 
 Augmentation policies (augment=):
     "none" (or False)       normalisation only
@@ -25,14 +36,17 @@ same batches whether or not epochs 0..k-1 ran in this process, and `epoch(k, sta
 yields batches b, b+1, ... of that same epoch.  A checkpoint needs only the seed and
 the epoch (and the batches done, to resume mid-epoch).  The keys all have four numbers
 because NumPy's SeedSequence treats trailing zeros as absent: [s, e] and [s, e, 0] seed
-the same generator.
+the same generator.  Batch b's generator draws what the host functions would, in their
+order (augment.crop_flip_draws, then augment.cutout_draws), so a batch equals
+cutout(normalize(random_crop_flip(images[index], rng), mean, std), rng).
 """
 import math
 
 from minivit import backend
-from minivit.data.augment import CIFAR10_MEAN, CIFAR10_STD, cutout, normalize, random_crop_flip
+from minivit.data.augment import (CIFAR10_MEAN, CIFAR10_STD, crop_flip_at, crop_flip_draws,
+                                  cutout_at, cutout_draws, normalization)
 
-np = backend.module_for("cpu")     # NumPy: everything in minivit.data runs on the host
+np = backend.module_for("cpu")     # NumPy: the random draws, on the host
 
 _ORDER, _AUGMENT = 0, 1            # the two random streams of an epoch
 POLICIES = ("none", "standard", "strong")
@@ -62,11 +76,14 @@ class Loader:
     shuffle      a new order every epoch, drawn from (seed, epoch); False: 0..N-1.
     augment      "none", "standard" (crop and flip) or "strong" (also Cutout).
     mean, std    per-channel normalisation, x = (pixel / 255 - mean) / std.
-    device       where batches go ("cpu"/"cuda"; None: the default backend's device).
+    device       where the images live and batches are made ("cpu"/"cuda"; None: the
+                 default backend's device).
+    num_classes  if given, every label must be in [0, num_classes): checked here, once.
     """
 
     def __init__(self, images, labels, batch_size, shuffle=True, seed=0, augment="none",
-                 drop_last=False, mean=CIFAR10_MEAN, std=CIFAR10_STD, device=None):
+                 drop_last=False, mean=CIFAR10_MEAN, std=CIFAR10_STD, device=None,
+                 num_classes=None):
         if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
             got = (f"{images.dtype} of shape {images.shape}" if isinstance(images, np.ndarray)
                    else type(images).__name__)
@@ -76,14 +93,24 @@ class Loader:
         if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
             raise ValueError(f"Loader: expected {len(images)} integer labels, shape "
                              f"({len(images)},), got {labels.dtype} of shape {labels.shape}")
-        self.images, self.labels = images, labels.astype(np.int64)
+        if num_classes is not None:
+            num_classes = _check_int("num_classes", num_classes, 1)
+            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+            if len(bad):
+                raise ValueError(f"Loader: expected labels in [0, {num_classes}), got "
+                                 f"{labels[bad[0]]} at index {bad[0]}")
+        self.num_classes = num_classes
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
         self.augment = _policy(augment)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.mean, self.std = mean, std
         self.device = backend.device_name(device or backend.default_device())
-        normalize(images[:1], mean, std)       # fail here, not mid-epoch, on a bad mean/std
+        scale, shift = normalization(mean, std, images.shape[1])   # fails here on a bad mean/std
+        # the training set, moved to the device once: three copies (none on NumPy)
+        self.images = backend.asarray(np.ascontiguousarray(images), device=self.device)
+        self.labels = backend.asarray(labels.astype(np.int64, copy=False), device=self.device)
+        self.scale, self.shift = backend.asarray(np.stack([scale, shift]), device=self.device)
 
     def num_images(self):
         """Images per epoch (those in dropped last batches not counted)."""
@@ -97,7 +124,7 @@ class Loader:
     __len__ = num_batches
 
     def order(self, epoch):
-        """The indices of the images in the order epoch `epoch` visits them."""
+        """The indices of the images in the order epoch `epoch` visits them (host)."""
         if not self.shuffle:
             return np.arange(len(self.images))
         return np.random.default_rng([self.seed, epoch, _ORDER, 0]).permutation(len(self.images))
@@ -105,21 +132,43 @@ class Loader:
     def epoch(self, epoch, start=0):
         """The batches (x, y) of epoch `epoch`, from batch `start` on, on self.device."""
         epoch, start = _check_int("epoch", epoch, 0), _check_int("start", start, 0)
-        order = self.order(epoch)
-        return (self.make_batch(order[b * self.batch_size:(b + 1) * self.batch_size],
-                                np.random.default_rng([self.seed, epoch, _AUGMENT, b]))
+        index = self.order(epoch)[start * self.batch_size:self.num_images()]
+        rngs = (np.random.default_rng([self.seed, epoch, _AUGMENT, b])
                 for b in range(start, self.num_batches()))
+        return self._batches(self.plan(index, rngs))
 
-    def make_batch(self, indices, rng):
-        """(x, y) on self.device for the images at `indices`, augmented with draws from rng."""
-        images = self.images[indices]
-        if self.augment != "none":
-            images = random_crop_flip(images, rng)
-        x = normalize(images, self.mean, self.std)
+    def plan(self, index, rngs):
+        """The images `index` (host, in visiting order) and their augmentation, drawn batch
+        by batch from `rngs` (one generator per batch), as one int64 array (rows: index,
+        dy, dx, flip, cy, cx as the policy needs; a column per image) on self.device."""
+        rows = {"none": 1, "standard": 4, "strong": 6}[self.augment]
+        plan = np.zeros((rows, len(index)), np.int64)
+        plan[0] = index
+        _, _, h, w = self.images.shape
+        starts = range(0, len(index), self.batch_size) if self.augment != "none" else ()
+        for start, rng in zip(starts, rngs):               # a loop over batches, not images
+            batch = slice(start, start + self.batch_size)
+            n = len(plan[0, batch])
+            plan[1:4, batch] = crop_flip_draws(rng, n)
+            if self.augment == "strong":
+                plan[4:6, batch] = cutout_draws(rng, n, h, w)
+        return backend.asarray(plan, device=self.device)     # the epoch's one copy
+
+    def _batches(self, plan):
+        for start in range(0, plan.shape[1], self.batch_size):
+            yield self._batch(plan[:, start:start + self.batch_size])
+
+    def _batch(self, plan):
+        """(x, y) for some columns of a plan, by arithmetic on self.device alone."""
+        index = plan[0]
+        if self.augment == "none":
+            x = self.images[index]
+        else:
+            x = crop_flip_at(self.images, index, plan[1], plan[2], plan[3])
+        x = x.astype(self.scale.dtype) * self.scale - self.shift    # augment.normalize
         if self.augment == "strong":
-            x = cutout(x, rng)
-        return (backend.asarray(x, device=self.device),
-                backend.asarray(self.labels[indices], device=self.device))
+            x = cutout_at(x, plan[4], plan[5])
+        return x, self.labels[index]
 
 
 def batches(images, labels, batch_size, shuffle=True, seed=0, epoch=0, augment="none",
@@ -135,5 +184,5 @@ def batches(images, labels, batch_size, shuffle=True, seed=0, epoch=0, augment="
     if rng is None:
         return loader.epoch(epoch)
     order = rng.permutation(len(images)) if shuffle else np.arange(len(images))
-    return (loader.make_batch(order[b * batch_size:(b + 1) * batch_size], rng)
-            for b in range(loader.num_batches()))
+    rngs = (rng for _ in range(loader.num_batches()))
+    return loader._batches(loader.plan(order[:loader.num_images()], rngs))
