@@ -32,7 +32,7 @@ from collections import namedtuple
 import numpy as np
 
 import minivit as mv
-from minivit import backend, checkpoint, images
+from minivit import backend, checkpoint, cli, images
 from minivit.data import CIFAR10_MEAN, CIFAR10_STD
 
 Prediction = namedtuple("Prediction", "index name probability")
@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    p.add_argument("--max-pixels", type=positive_int, default=images.MAX_PIXELS,
+                   help="refuse images with more pixels than this (decoding a huge image can "
+                        "exhaust the memory)")
     return p.parse_args(argv)
 
 
@@ -128,6 +131,8 @@ def why_unreadable(error):
         return "no such file"
     if isinstance(error, IsADirectoryError):
         return "it is a directory"
+    if isinstance(error, images.ImageTooLargeError):
+        return str(error)
     return f"{type(error).__name__}: {error}"
 
 
@@ -180,7 +185,8 @@ def main(argv=None):
             for i in range(start, min(start + args.batch_size, len(args.images))):
                 path = args.images[i]
                 try:
-                    batch.append(images.prepare_image(path, c.image_size))
+                    batch.append(images.prepare_image(path, c.image_size,
+                                                      max_pixels=args.max_pixels))
                     where.append(i)
                 except Exception as e:   # unreadable: report it, classify the rest
                     print(f"error: cannot read image {path}: {why_unreadable(e)}",
@@ -201,4 +207,5 @@ def exit_status(results):
 
 
 if __name__ == "__main__":
+    cli.install()
     sys.exit(exit_status(main()))

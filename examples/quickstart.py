@@ -7,6 +7,8 @@ import numpy as np
 
 import minivit as mv
 
+mv.cli.install()       # a user's mistake (MINIVIT_BACKEND=tpu, Ctrl-C) ends in one line
+
 rng = np.random.default_rng(0)
 x = mv.tensor(rng.standard_normal((4, 3)), requires_grad=True)   # on the default backend
 w = mv.tensor(rng.standard_normal((3, 2)), requires_grad=True)

@@ -17,12 +17,13 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
 
 import minivit as mv
-from minivit import backend, checkpoint, data
+from minivit import backend, checkpoint, cli, data
 from minivit.nn import PRESETS as MODEL_PRESETS
 from minivit.data.resize import resize_bilinear
 from minivit.nn import VisionTransformer, ViTConfig, preset
@@ -129,7 +130,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a Vision Transformer on CIFAR-10 with minivit (NumPy or CuPy).",
         epilog=_recipes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(RECIPES), default="cpu",
+    p.add_argument("--preset", choices=sorted(RECIPES), default=None,
                    help="training recipe (default: cpu; listed below); the flags below "
                         "override its values")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
@@ -200,7 +201,7 @@ SHAPE_FIELDS = ("model", "hidden_size", "depth", "num_heads", "mlp_dim", "patch_
 
 
 def settings_from(args):
-    values = dict(RECIPES[args.preset])
+    values = dict(RECIPES[args.preset or "cpu"])
     for field in dataclasses.fields(Settings):
         flag = getattr(args, field.name, None)
         if flag is not None:
@@ -210,6 +211,35 @@ def settings_from(args):
     if args.warmup_epochs is not None and args.warmup_steps is None:
         values["warmup_steps"] = None
     return Settings(**values)
+
+
+def resume_conflicts(args, saved):
+    """The flags that contradict the settings a run was saved with, each with its saved
+    value (--epochs and --steps may change: they extend or shorten the run)."""
+    problems = []
+    for field in dataclasses.fields(Settings):
+        given = getattr(args, field.name, None)
+        if given is not None and field.name not in ("epochs", "steps") \
+                and given != saved.get(field.name):
+            problems.append(f"--{field.name.replace('_', '-')} {given} "
+                            f"(saved: {saved.get(field.name)})")
+    if args.preset is not None:
+        differ = [f"{k}={v} (saved: {saved.get(k)})" for k, v in RECIPES[args.preset].items()
+                  if saved.get(k) != v]
+        if differ:
+            problems.append(f"--preset {args.preset} sets {', '.join(differ)}")
+    return problems
+
+
+def check_writable(out):
+    """Fail now, not after an epoch of training, if OUT cannot hold the run's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        sys.exit(f"error: --out {out}: cannot write there ({e.strerror or e})")
 
 
 # --- one epoch ------------------------------------------------------------------------
@@ -364,8 +394,17 @@ def main(argv=None):
     if args.resume:
         if not ckpt_path.is_file():
             sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
-        state = checkpoint.load_checkpoint(ckpt_path)
-        s = Settings(**state["settings"])
+        try:
+            state = checkpoint.load_checkpoint(ckpt_path)
+            s = Settings(**state["settings"])
+            ViTConfig(**state["config"])
+        except (checkpoint.CheckpointError, KeyError, TypeError, ValueError) as e:
+            sys.exit(f"error: --resume: cannot continue from {ckpt_path}: {e}")
+        conflicts = resume_conflicts(args, state["settings"])
+        if conflicts:
+            sys.exit(f"error: --resume continues {ckpt_path} with the settings saved there; "
+                     f"these flags contradict them: {'; '.join(conflicts)}. Leave them out, "
+                     f"or start a new run with another --out")
         if args.epochs is not None:
             s.epochs, s.steps = args.epochs, None
         if args.steps is not None:
@@ -385,6 +424,11 @@ def main(argv=None):
         if ckpt_path.exists():
             sys.exit(f"error: {ckpt_path} already exists; pass --resume to continue that run, "
                      f"or choose another --out")
+        if (out / "log.jsonl").exists():
+            sys.exit(f"error: {out / 'log.jsonl'} exists without a checkpoint beside it (an "
+                     f"earlier run's log?); choose another --out, or move the log away")
+    check_writable(out)
+    checkpoint.remove_stale_temporaries(out)       # left by a run killed mid-write
 
     try:
         # a --data-dir is where the data is, not where to download it: a mistyped folder
@@ -392,14 +436,11 @@ def main(argv=None):
         cifar = data.find_or_download(args.data_dir,
                                       download=not args.no_download and args.data_dir is None)
     except (FileNotFoundError, data.DataError) as e:
-        hint = (f"\n(--data-dir must hold the data; leave it out to find or download CIFAR-10 "
-                f"in the cache folder {data.default_cache_dir()})" if args.data_dir else "")
+        hint = (f" (--data-dir must hold the data; leave it out to find or download CIFAR-10 "
+                f"in the cache folder {data.default_cache_dir()})"
+                if args.data_dir and isinstance(e, FileNotFoundError) else "")
         sys.exit(f"error: {e}{hint}")
     train_x, train_y = cifar.train_images, cifar.train_labels
-    for name, y in (("training", train_y), ("test", cifar.test_labels)):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= 10):      # host arrays: no GPU read
-            sys.exit(f"error: the {name} labels must be classes 0-9, found {int(y.min())}.."
-                     f"{int(y.max())}")
     if s.train_subset:
         train_x, train_y = train_x[:s.train_subset], train_y[:s.train_subset]
 
@@ -421,12 +462,15 @@ def main(argv=None):
                           no_decay=model.no_weight_decay(), **options)
     history, start_epoch = [], 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, TypeError) as e:
+            sys.exit(f"error: --resume: {ckpt_path} does not match the model it describes: {e}")
         history, start_epoch = state["history"], state["epoch"]
 
     loader = data.Loader(train_x, train_y, s.batch_size, seed=s.seed, augment=s.augment,
-                         mean=mean, std=std, device=device)
+                         mean=mean, std=std, device=device, num_classes=10)   # labels checked once
     steps_per_epoch = loader.num_batches()
     total_steps, _, epochs = s.schedule(steps_per_epoch)
     print(f"{model.describe()}")
@@ -470,4 +514,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.install()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the checkpoint of the last finished epoch is kept; "
+                 "continue with --resume")

@@ -20,6 +20,8 @@ import numpy as np                 # noqa: E402
 
 import minivit as mv               # noqa: E402
 
+mv.cli.install()                   # a user's mistake or Ctrl-C ends in one line
+
 OUT = pathlib.Path(__file__).resolve().parent / "out"
 
 
@@ -38,6 +40,10 @@ class Lesson:
             sys.exit(f"error: {e}")
         self.device = mv.backend.default_device()
         self.out = pathlib.Path(self.args.out)
+        try:                               # fail now, not at the first figure
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: --out {self.out}: cannot write there ({e.strerror or e})")
         self.failures = []
         print(f"=== Lesson {number}: {title}   (backend: {self.args.backend}) ===")
         if doc:

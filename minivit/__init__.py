@@ -18,8 +18,9 @@ from minivit.ops.basic import (add, broadcast_to, concatenate, div, exp, getitem
 from minivit.ops.activation import dropout, erf, gelu, log_softmax, softmax
 from minivit.ops.attention import attention, multi_head_attention
 from minivit.ops.loss import accuracy, correct, cross_entropy
-from minivit.ops.norm import layer_norm
+from minivit.ops.norm import group_norm, layer_norm
+from minivit.ops.conv import max_pool2d, weight_standardize
 from minivit.ops.patch import col2im, conv2d, im2col, patch_embed, patchify, unpatchify
-from minivit import nn
+from minivit import cli, nn
 
 __version__ = "0.1.0"

@@ -51,6 +51,11 @@ class Tensor:
         if not backend.is_array(data):
             raise TypeError(f"Tensor wraps a numpy or cupy array, got {type(data).__name__}; "
                             "use minivit.tensor(data) to convert Python data")
+        if requires_grad and not backend.is_floating(data):
+            raise TypeError(f"requires_grad=True needs a floating-point tensor (float32 or "
+                            f"float64), got {data.dtype}: only real numbers have gradients; "
+                            f"convert first, e.g. mv.tensor(x, dtype='float64', "
+                            f"requires_grad=True)")
         self.data = data
         self.grad = None
         self.creator = None          # the Function that produced this tensor, if any

@@ -136,7 +136,16 @@ def module_for(device):
 
 # --- the default backend ---------------------------------------------------------------
 
-_default_device = device_name(os.environ.get("MINIVIT_BACKEND", "numpy"))
+_default_device = None      # resolved from MINIVIT_BACKEND on first use
+
+
+def _device_from_environment():
+    value = os.environ.get("MINIVIT_BACKEND") or "numpy"      # unset or empty: NumPy
+    try:
+        return device_name(value)
+    except ValueError:
+        raise BackendError(f"MINIVIT_BACKEND={value!r} is not a backend: set it to 'numpy' "
+                           "(CPU) or 'cupy' (GPU), or leave it unset for NumPy") from None
 
 
 def use(name):
@@ -148,16 +157,20 @@ def use(name):
 
 
 def default_device():
+    """ "cpu" or "cuda": where new tensors go (MINIVIT_BACKEND until use() says otherwise)."""
+    global _default_device
+    if _default_device is None:
+        _default_device = _device_from_environment()
     return _default_device
 
 
 def default_backend_name():
     """ "numpy" or "cupy": the default backend's name (for command-line defaults)."""
-    return "numpy" if _default_device == "cpu" else "cupy"
+    return "numpy" if default_device() == "cpu" else "cupy"
 
 
 def default_module():
-    return module_for(_default_device)
+    return module_for(default_device())
 
 
 # --- asking arrays about themselves ----------------------------------------------------
@@ -197,9 +210,10 @@ def check_same_device(op_name, arrays):
 
 def asarray(data, dtype=None, device=None):
     """An array of `data` on `device` (default: the default backend's device)."""
-    xp = module_for(device or _default_device)
+    device = device or default_device()
+    xp = module_for(device)
     if is_array(data) and array_module(data) is not xp:
-        data = to_device(data, device or _default_device)
+        data = to_device(data, device)
     return xp.asarray(data, dtype=dtype)
 
 
@@ -251,7 +265,7 @@ def generator(seed=None, device=None):
 
     Both have .random(size, dtype=...) and .standard_normal(size, dtype=...), so code
     that draws dropout masks or initial weights is the same on either backend."""
-    return module_for(device or _default_device).random.default_rng(seed)
+    return module_for(device or default_device()).random.default_rng(seed)
 
 
 def keep_host_memory():

@@ -13,10 +13,15 @@ import json
 import os
 import pathlib
 import tempfile
+import zipfile
 
 from minivit import backend
 
 FORMAT = "minivit-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable minivit checkpoint (damaged, truncated, another format)."""
 
 
 def _np():
@@ -44,6 +49,18 @@ def atomic_write(path, write):
     return path
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporary files (.NAME.XXXX.tmp) that an interrupted atomic_write left in
+    `folder` (a process killed mid-write cannot clean up after itself).  Returns their
+    paths.  Call it only where no other process is writing, e.g. in a run's own folder."""
+    removed = []
+    for tmp in pathlib.Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def save_npz(path, arrays, meta):
     """Arrays and a JSON-able dict of metadata into one .npz, atomically."""
     np = _np()
@@ -57,11 +74,23 @@ def load_npz(path):
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with _np().load(path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files if name != "meta"}
-        if "meta" not in data.files:
-            raise ValueError(f"{path} is not a minivit checkpoint (it has no 'meta' entry)")
-        meta = json.loads(data["meta"].tobytes().decode())
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise CheckpointError(f"{path} is not a minivit checkpoint: not an .npz (zip) file")
+    try:
+        with _np().load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files if name != "meta"}
+            if "meta" not in data.files:
+                raise CheckpointError(f"{path} is not a minivit checkpoint (it has no 'meta' "
+                                      "entry)")
+            meta = json.loads(data["meta"].tobytes().decode())
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
+                              "it cannot be loaded") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its 'meta' entry is not a JSON object")
     return arrays, meta
 
 
@@ -85,8 +114,15 @@ def load_checkpoint(path):
     None) and the metadata saved with it ("config", "epoch", ...)."""
     arrays, meta = load_npz(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}")
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    try:
+        return _unpack(arrays, meta)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is incomplete: its entry {e} is missing or malformed") from None
+
+
+def _unpack(arrays, meta):
     out = dict(meta)
     out["model"] = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     out["optimizer"] = None

@@ -77,10 +77,15 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
     if not checked:
         raise ValueError("gradcheck: no input has requires_grad=True, so there is nothing to check")
 
+    for i in checked:
+        _require_finite(args[i].data, f"input {i}", ValueError,
+                        "gradcheck needs finite inputs: choose them away from inf and NaN")
     y = fn(*args)
     if not isinstance(y, Tensor) or not y.requires_grad:
         raise ValueError("gradcheck: fn must return a Tensor computed from the inputs that "
                          f"require grad, got {type(y).__name__}")
+    _require_finite(y.data, "the output of fn", GradcheckError,
+                    "a NaN or inf compares false with everything, so no check could fail")
     cotangent = backend.random_normal(y.shape, seed, like=y.data)
     # float64 inputs are the caller's own: keep copies of their gradients (a parameter's
     # .grad may be a view into an optimiser's flat buffer, which backward writes into)
@@ -93,6 +98,18 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-7, rtol=1e-6, seed=0):
     finally:
         for i, grad in zip(checked, saved_grads):
             args[i].grad = grad
+
+
+def _require_finite(a, what, error, why):
+    """Raise `error` naming the first NaN or inf in array `a` (a NaN makes every
+    comparison false, so a check that met one would pass whatever the backward did)."""
+    xp = backend.array_module(a)
+    bad = ~xp.isfinite(a)
+    if bool(bad.any()):
+        k = int(bad.reshape(-1).argmax())
+        where = _unravel(k, a.shape)
+        value = float(a.reshape(-1)[k])
+        raise error(f"gradcheck: {what} has a non-finite value {value} at index {where}; {why}")
 
 
 def _unravel(k, shape):
@@ -116,7 +133,11 @@ def _compare(fn, args, checked, cotangent, eps, atol, rtol):
         x = args[i]
         xp = backend.array_module(x.data)
         analytic = x.grad if x.grad is not None else xp.zeros_like(x.data)
+        _require_finite(analytic, f"the analytic gradient of input {i}", GradcheckError,
+                        "backward produced it")
         numeric = numerical_gradient(phi, x.data, eps)
+        _require_finite(numeric, f"the numerical gradient of input {i}", GradcheckError,
+                        "fn is not finite near the input (a pole, a log of a negative?)")
         scale = xp.maximum(xp.maximum(xp.abs(analytic), xp.abs(numeric)), atol / rtol)
         error = xp.abs(analytic - numeric) / scale
         k = int(error.argmax()) if error.size else 0

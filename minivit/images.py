@@ -21,6 +21,8 @@ store theirs (CIFAR-10's channel statistics for examples/train_cifar.py); the of
 ViT checkpoints (google-research/vision_transformer) were trained on pixel / 127.5 - 1,
 which is mean 0.5 and std 0.5 in this formula (OFFICIAL_NORMALIZATION).
 """
+import warnings
+
 from PIL import Image, ImageOps
 
 from minivit import backend
@@ -48,14 +50,31 @@ def to_rgb(image, background=BACKGROUND):
     return image.convert("RGB")
 
 
-def load_image(path):
+MAX_PIXELS = 50_000_000          # 50 megapixels: a 0.5 MB PNG can declare 13000 x 13000
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the limit: decoding it could exhaust the memory."""
+
+
+def load_image(path, max_pixels=MAX_PIXELS):
     """The image at `path`, upright (EXIF orientation applied) and 8-bit RGB.
 
-    Raises FileNotFoundError for a missing file and PIL.UnidentifiedImageError or
-    OSError for one that is not a readable image."""
-    with Image.open(path) as image:
-        image.load()                         # decode now: a truncated file fails here
-        return to_rgb(ImageOps.exif_transpose(image))
+    The size in the file's header is checked before anything is decoded: an image over
+    `max_pixels` (None: no limit) raises ImageTooLargeError.  Raises FileNotFoundError
+    for a missing file and PIL.UnidentifiedImageError or OSError for one that is not a
+    readable image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # we check ourselves
+        with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,} (decoding it would take {3 * width * height / 1e9:.1f} GB "
+                    "or more); raise the limit with --max-pixels if you mean it")
+            image.load()                         # decode now: a truncated file fails here
+            return to_rgb(ImageOps.exif_transpose(image))
 
 
 def resize_center_crop(image, size, resample=RESAMPLE):
@@ -81,9 +100,9 @@ def image_to_array(image):
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def prepare_image(path, size, resample=RESAMPLE):
+def prepare_image(path, size, resample=RESAMPLE, max_pixels=MAX_PIXELS):
     """uint8 (3, size, size): the file at `path` loaded, made RGB, resized and centre-cropped."""
-    return image_to_array(resize_center_crop(load_image(path), size, resample))
+    return image_to_array(resize_center_crop(load_image(path, max_pixels), size, resample))
 
 
 def normalize_batch(images, mean, std):

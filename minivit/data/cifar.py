@@ -20,7 +20,9 @@ few functions these files need to rebuild their arrays and bytes, and refuses
 everything else before it can run.
 """
 import codecs
+import io
 import pickle
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -111,9 +113,27 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_pickle(path):
-    """Unpickle `path` with RestrictedUnpickler (encoding="bytes")."""
-    with open(path, "rb") as f:
-        return RestrictedUnpickler(f, source=str(path)).load()
+    """Unpickle `path` with RestrictedUnpickler (encoding="bytes").
+
+    A file that is empty, truncated or not a pickle raises CifarFormatError naming it,
+    and so does one that declares an object larger than itself (a 14-byte pickle can ask
+    for a terabyte: the reader would try to allocate it)."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise CifarFormatError(f"{path} is empty: not a CIFAR-10 batch file (an interrupted "
+                               "download or copy?); re-download or re-copy it")
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source=str(path)).load()
+    except UnsafePickleError:
+        raise
+    except MemoryError:
+        raise CifarFormatError(f"{path} is not a CIFAR-10 batch file: it declares an object "
+                               f"larger than memory in a file of {len(data):,} bytes") from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, OverflowError, struct.error) as e:
+        raise CifarFormatError(f"{path} is not a readable CIFAR-10 batch file ({e or type(e).__name__}); "
+                               "it may be truncated or damaged: "
+                               "re-download or re-copy it") from None
 
 
 # --- reading the batches ---------------------------------------------------------------
