@@ -427,6 +427,11 @@ def main(argv=None):
         if (out / "log.jsonl").exists():
             sys.exit(f"error: {out / 'log.jsonl'} exists without a checkpoint beside it (an "
                      f"earlier run's log?); choose another --out, or move the log away")
+    if not s.pretrained:
+        try:
+            s.model_config()                       # a shape that cannot work fails now
+        except ValueError as e:
+            sys.exit(f"error: {e}: choose other --model/--hidden-size/--num-heads/--patch-size")
     check_writable(out)
     checkpoint.remove_stale_temporaries(out)       # left by a run killed mid-write
 
@@ -448,10 +453,13 @@ def main(argv=None):
         model = VisionTransformer(ViTConfig(**state["config"]), seed=s.seed)
     elif s.pretrained:
         from minivit.official import load_official
-        model = load_official(s.pretrained, num_classes=10, image_size=s.image_size,
-                              seed=s.seed, dropout=s.dropout,
-                              attention_dropout=s.attention_dropout,
-                              **({"gelu": s.gelu} if s.gelu else {}))
+        try:
+            model = load_official(s.pretrained, num_classes=10, image_size=s.image_size,
+                                  seed=s.seed, dropout=s.dropout,
+                                  attention_dropout=s.attention_dropout,
+                                  **({"gelu": s.gelu} if s.gelu else {}))
+        except (ValueError, KeyError) as e:
+            sys.exit(f"error: --pretrained {s.pretrained}: {e}")
     else:
         model = VisionTransformer(s.model_config(), seed=s.seed)
     model.to(device)

@@ -174,6 +174,15 @@ def test_out_is_checked_before_any_work(train_cifar, cifar_dir, tmp_path, monkey
             train_cifar.main(tiny(cifar_dir, tmp_path / "readonly"))
 
 
+def test_a_model_shape_that_cannot_work_is_refused_before_training(cifar_dir, tmp_path):
+    run = run_program("examples/train_cifar.py", *tiny(cifar_dir, tmp_path / "run", "--num-heads", "3"))
+    one_line_error(run, "hidden_size 16 is not divisible by num_heads 3", "--num-heads")
+    (tmp_path / "fake.npz").write_text("not a checkpoint")
+    run = run_program("examples/train_cifar.py", "--pretrained", tmp_path / "fake.npz",
+                      "--data-dir", cifar_dir, "--out", tmp_path / "ft")
+    one_line_error(run, "fake.npz")
+
+
 def test_resume_refuses_flags_that_contradict_the_checkpoint(train_cifar, finished_run,
                                                              cifar_dir):
     with pytest.raises(SystemExit) as info:
