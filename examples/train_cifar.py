@@ -21,9 +21,10 @@ import os
 import pathlib
 import sys
 import time
+import traceback
 
 import minivit as mv
-from minivit import backend, checkpoint, cli, data
+from minivit import backend, checkpoint, cli, data, distributed
 from minivit.nn import PRESETS as MODEL_PRESETS
 from minivit.data.resize import resize_bilinear
 from minivit.nn import VisionTransformer, ViTConfig, preset
@@ -272,12 +273,16 @@ class Progress:
             sys.stderr.flush()
 
 
-def train_epoch(model, optimizer, loader, epoch, s, show_progress):
+def train_epoch(model, optimizer, loader, epoch, s, show_progress, world=distributed.World()):
     """One epoch of training steps.  A step reads nothing back from the device: the loss
     and the correct answers are summed there, with the first step whose loss was not
     finite, and the three are read together (one read) at most 10 times a second and at
     the end of the epoch.  A NaN or infinite loss is reported with its step; the steps
-    run after it before that read are at most those of 0.1 s (the epoch is not saved)."""
+    run after it before that read are at most those of 0.1 s (the epoch is not saved).
+
+    Under MPI each rank trains on its shard of every batch and the gradients are summed
+    across ranks before the step (minivit.distributed); the totals are then read every
+    READ_EVERY steps instead, at the same steps on every rank."""
     model.train()
     model.random_source.reseed(s.seed * 1_000_003 + epoch)     # dropout masks of this epoch
     total_steps, warmup_steps, epochs = s.schedule(loader.num_batches())
@@ -289,6 +294,7 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
 
     def read():
         totals = backend.to_numpy(xp.stack([loss_sum, correct, bad_step]))   # the one read
+        totals = world.reduce_host(totals[:2]).tolist() + [world.reduce_host(totals[2:], "max")[0]]
         if totals[2]:
             return None, f"the training loss became {totals[0] / seen:g} at step {int(totals[2])}"
         return totals, None
@@ -299,9 +305,11 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
         optimizer.lr = warmup_cosine(optimizer.steps, total_steps, warmup_steps, s.lr)
         model.zero_grad()
         n = len(labels)
-        for start in range(0, n, micro):           # micro-batches: gradients add up
-            x = resize_bilinear(images[start:start + micro], model.config.image_size)
-            y = labels[start:start + micro]
+        first, last = world.shard(n)               # this rank's images of the batch
+        for start in range(first, last, micro):    # micro-batches: gradients add up
+            end = min(start + micro, last)
+            x = resize_bilinear(images[start:end], model.config.image_size)
+            y = labels[start:end]
             logits = model(mv.Tensor(x))
             loss = mv.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
             # the batch's mean loss, in parts: seed backward with d(loss * w)/d(loss) = w,
@@ -311,10 +319,11 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
             correct += mv.correct(logits, y)
             bad_step = xp.where((bad_step == 0) & ~xp.isfinite(loss.data),
                                 optimizer.steps + 1, bad_step)
+        distributed.sum_gradients(world, optimizer)                # no-op for one process
         clip_grad_norm(model.parameters(), s.clip_norm or None)   # a NaN norm: NaN next loss
         optimizer.step()
         seen += n
-        if bar.due():
+        if bar.due() if world.size == 1 else optimizer.steps % READ_EVERY == 0:
             totals, problem = read()
             if problem:
                 bar.close()
@@ -328,21 +337,26 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress):
             "train_images": seen}, None
 
 
-def evaluate(model, images, labels, batch_size, mean, std, device):
-    """Test loss and accuracy, summed on the device and read once."""
+READ_EVERY = 20          # under MPI: steps between reads of the running totals
+
+
+def evaluate(model, images, labels, batch_size, mean, std, device, world=distributed.World()):
+    """Test loss and accuracy, summed on the device and read once (under MPI each rank
+    evaluates its shard of the test set and the sums are added across ranks)."""
     model.eval()
     xp = backend.module_for(device)
     loss_sum, correct = xp.zeros((), dtype="float64"), xp.zeros((), dtype="float64")
+    first, last = world.shard(len(images))
     with mv.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = backend.asarray(data.normalize(images[start:start + batch_size], mean, std),
-                                device=device)
+        for start in range(first, last, batch_size):
+            end = min(start + batch_size, last)
+            x = backend.asarray(data.normalize(images[start:end], mean, std), device=device)
             x = resize_bilinear(x, model.config.image_size)
-            y = backend.asarray(labels[start:start + batch_size], device=device)
+            y = backend.asarray(labels[start:end], device=device)
             logits = model(mv.Tensor(x))
             loss_sum += mv.cross_entropy(logits, y).data * len(y)
             correct += mv.correct(logits, y)
-    totals = backend.to_numpy(xp.stack([loss_sum, correct]))
+    totals = world.reduce_host(backend.to_numpy(xp.stack([loss_sum, correct])))
     return {"test_loss": float(totals[0]) / len(images),
             "test_acc": float(totals[1]) / len(images)}
 
@@ -389,6 +403,9 @@ def main(argv=None):
     device = backend.default_device()
     if device == "cpu":
         backend.keep_host_memory()
+    world = distributed.world()            # several processes under mpiexec, else one
+    if not world.is_main:                  # only rank 0 prints and writes files
+        sys.stdout = open(os.devnull, "w")
 
     state = None
     if args.resume:
@@ -432,8 +449,9 @@ def main(argv=None):
             s.model_config()                       # a shape that cannot work fails now
         except ValueError as e:
             sys.exit(f"error: {e}: choose other --model/--hidden-size/--num-heads/--patch-size")
-    check_writable(out)
-    checkpoint.remove_stale_temporaries(out)       # left by a run killed mid-write
+    if world.is_main:
+        check_writable(out)
+        checkpoint.remove_stale_temporaries(out)   # left by a run killed mid-write
 
     try:
         # a --data-dir is where the data is, not where to download it: a mistyped folder
@@ -476,6 +494,9 @@ def main(argv=None):
         except (KeyError, ValueError, TypeError) as e:
             sys.exit(f"error: --resume: {ckpt_path} does not match the model it describes: {e}")
         history, start_epoch = state["history"], state["epoch"]
+    world.check_agree("the settings and the data", [dataclasses.asdict(s), len(train_x),
+                                                     int(train_y.sum()), state is not None])
+    distributed.broadcast_parameters(world, optimizer)        # every rank starts from rank 0's
 
     loader = data.Loader(train_x, train_y, s.batch_size, seed=s.seed, augment=s.augment,
                          mean=mean, std=std, device=device, num_classes=10)   # labels checked once
@@ -484,30 +505,32 @@ def main(argv=None):
     print(f"{model.describe()}")
     print(f"training on {len(train_x):,} images, testing on {len(cifar.test_images):,}; "
           f"{total_steps} steps ({epochs} epochs of {steps_per_epoch}), batch {s.batch_size}, "
-          f"{s.optimizer} lr {s.lr:g}, backend {args.backend}")
-    out.mkdir(parents=True, exist_ok=True)
+          f"{s.optimizer} lr {s.lr:g}, backend {args.backend}"
+          + (f", {world.size} processes (MPI)" if world.size > 1 else ""))
     elapsed = history[-1]["elapsed_s"] if history else 0.0
 
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        train, problem = train_epoch(model, optimizer, loader, epoch, s, not args.no_progress)
+        train, problem = train_epoch(model, optimizer, loader, epoch, s,
+                                     world.is_main and not args.no_progress, world)
         if problem:
             kept = (f"the last good checkpoint (after epoch {epoch}) is kept at {ckpt_path}"
                     if ckpt_path.exists() else "no checkpoint was written yet")
             sys.exit(f"error: {problem}; stopping. {kept}. Try a lower --lr or --clip-norm.")
         train_time = time.perf_counter() - t0
         test = evaluate(model, cifar.test_images, cifar.test_labels, args.eval_batch_size,
-                        mean, std, device)
+                        mean, std, device, world)
         elapsed += time.perf_counter() - t0
         row = {"epoch": epoch + 1, **train, **test, "lr": optimizer.lr,
                "images_per_s": train["train_images"] / train_time, "elapsed_s": elapsed}
         history.append(row)
-        checkpoint.save_checkpoint(ckpt_path, model, optimizer, epoch=epoch + 1,
-                                   settings=dataclasses.asdict(s), history=history,
-                                   normalization={"mean": list(mean), "std": list(std)},
-                                   class_names=list(cifar.class_names))
-        write_log(out / "log.jsonl", history)
-        plot_curves(out / "curves.png", history)
+        if world.is_main:
+            checkpoint.save_checkpoint(ckpt_path, model, optimizer, epoch=epoch + 1,
+                                       settings=dataclasses.asdict(s), history=history,
+                                       normalization={"mean": list(mean), "std": list(std)},
+                                       class_names=list(cifar.class_names))
+            write_log(out / "log.jsonl", history)
+            plot_curves(out / "curves.png", history)
         print(f"epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} "
               f"acc {100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} "
               f"acc {100 * row['test_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
@@ -523,8 +546,21 @@ def main(argv=None):
 
 if __name__ == "__main__":
     cli.install()
+    world = distributed.world()
     try:
         main()
     except KeyboardInterrupt:
         sys.exit("interrupted: the checkpoint of the last finished epoch is kept; "
                  "continue with --resume")
+    except BaseException as e:
+        # Under MPI a rank that stops alone would leave the others waiting in a collective
+        # for ever: say why on this rank, then end every rank.
+        if world.size > 1 and not (isinstance(e, SystemExit) and not e.code):
+            if isinstance(e, SystemExit):
+                print(f"rank {world.rank}: {e.code}", file=sys.stderr, flush=True)
+            elif isinstance(e, cli.USER_ERRORS + (distributed.DistributedError,)):
+                print(f"rank {world.rank}: {cli.message(e)}", file=sys.stderr, flush=True)
+            else:
+                traceback.print_exc()
+            world.abort(1)
+        raise

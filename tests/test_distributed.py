@@ -1,0 +1,211 @@
+"""Data parallelism: N processes with shards of every batch compute the step of one.
+
+With the loss the mean over a batch of B images, L = (1/B) sum_i l_i, and the batch cut
+into shards of B_r images with shard means L_r,
+
+    L = sum_r (B_r / B) L_r,    so    dL/dw = sum_r (B_r / B) dL_r/dw:
+
+each rank seeds its backward with B_r / B and one allreduce sums the gradients (for
+equal shards, the average of the shard gradients).  Every rank then holds the same
+gradient and takes the same step, so the ranks stay identical.  In exact arithmetic N
+processes equal one; in floating point the gradient's sums are split differently, so
+float64 agrees to ~1e-15 per step and float32 to its own rounding.
+
+The multi-process tests run `mpiexec -n 2` (pip install -e ".[mpi]": mpi4py and the
+mpich wheel, which brings mpiexec into the virtual environment); they skip without it.
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minivit as mv
+from minivit import checkpoint, distributed
+from minivit.nn import VisionTransformer
+from minivit.optim import SGD
+from test_data import write_cifar
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec", path=os.pathsep.join([str(pathlib.Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")]))
+
+
+def needs_mpi():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip('needs mpi4py and mpiexec: pip install -e ".[mpi]"')
+    if MPIEXEC is None:
+        pytest.skip("needs mpiexec (the mpich wheel brings one)")
+
+
+def mpirun(n, *args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_"))}
+    env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
+    command = [MPIEXEC, "-n", str(n)] if n > 1 else []
+    return subprocess.run(command + [sys.executable, *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+# --- one process -------------------------------------------------------------------------
+
+def test_a_single_process_is_a_world_of_one():
+    world = distributed.world()
+    assert (world.size, world.rank, world.is_main) == (1, 0, True)
+    a = np.arange(3.0)
+    assert world.sum_(a) is a and a.tolist() == [0.0, 1.0, 2.0]
+    assert world.shard(10) == (0, 10)
+    world.check_agree("anything", {"a": 1})
+
+
+def test_shards_cover_the_batch_once():
+    for n, size in ((16, 2), (17, 3), (2, 4)):
+        parts = []
+        for rank in range(size):
+            world = distributed.World()
+            world.size, world.rank = size, rank
+            parts.append(world.shard(n))
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert max(e - s for s, e in parts) - min(e - s for s, e in parts) <= 1
+
+
+def test_launched_without_mpi4py_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(distributed.DistributedError, match=r"mpi4py is not installed.*\.\[mpi\]"):
+        distributed.world()
+
+
+def test_weighted_shard_gradients_add_up_to_the_batch_gradient(device):
+    """The identity above, with two simulated ranks of unequal shards (3 and 2 images)."""
+    model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8,
+                              depth=1, num_heads=2, mlp_dim=16, seed=1).astype("float64")
+    model.to(device)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 8, 8))
+    y = np.array([0, 2, 1, 1, 0])
+    head = model.head.bias
+    head.data = head.data + mv.backend.to_device(rng.standard_normal(3) * 0.1, device)
+
+    def gradients(xs, ys, weight):
+        model.zero_grad()
+        loss = mv.cross_entropy(model(mv.tensor(xs, device=device)), ys)
+        (loss * weight).backward()
+        return [mv.backend.to_numpy(p.grad).copy() for p in model.parameters()]
+
+    whole = gradients(x, y, 1.0)
+    shards = [gradients(x[:3], y[:3], 3 / 5), gradients(x[3:], y[3:], 2 / 5)]
+    for w, a, b in zip(whole, *shards):
+        np.testing.assert_allclose(a + b, w, rtol=1e-12, atol=1e-15)
+
+
+# --- several processes -------------------------------------------------------------------
+
+FLOAT64_STEPS = '''
+import sys
+import numpy as np
+import minivit as mv
+from minivit import distributed
+from minivit.nn import VisionTransformer
+from minivit.optim import SGD
+
+world = distributed.world()
+model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=2,
+                          num_heads=2, mlp_dim=16, seed=world.rank).astype("float64")
+opt = SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+distributed.broadcast_parameters(world, opt)          # ranks began with different seeds
+rng = np.random.default_rng(0)
+for step in range(3):
+    x, y = rng.standard_normal((6, 3, 8, 8)), rng.integers(0, 3, 6)
+    first, last = world.shard(6)
+    model.zero_grad()
+    loss = mv.cross_entropy(model(mv.tensor(x[first:last])), y[first:last])
+    (loss * ((last - first) / 6)).backward()
+    distributed.sum_gradients(world, opt)
+    opt.step()
+if world.is_main:
+    np.savez(sys.argv[1], **model.state_dict())
+'''
+
+
+def test_two_processes_take_the_step_of_one_in_float64(tmp_path):
+    needs_mpi()
+    script = tmp_path / "steps.py"
+    script.write_text(FLOAT64_STEPS)
+    for n in (1, 2):
+        run = mpirun(n, script, tmp_path / f"n{n}.npz")
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, two = np.load(tmp_path / "n1.npz"), np.load(tmp_path / "n2.npz")
+    for name in one.files:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+def train_args(data, out, *extra):
+    return ["examples/train_cifar.py", "--data-dir", data, "--no-download", "--no-progress",
+            "--out", out, "--hidden-size", "16", "--depth", "1", "--num-heads", "2",
+            "--mlp-dim", "16", "--batch-size", "16", "--dropout", "0", "--optimizer", "sgd",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, n=8)                      # 40 training images: batches of 16, 16, 8
+    return root
+
+
+def test_train_cifar_on_two_processes_equals_one(cifar, tmp_path, device):
+    """On CuPy the gradient buffer is staged through the host for the allreduce."""
+    needs_mpi()
+    backend_flag = ["--backend", {"cpu": "numpy", "cuda": "cupy"}[device]]
+    for n in (1, 2):
+        run = mpirun(n, *train_args(cifar, tmp_path / f"n{n}", "--epochs", "2", *backend_flag))
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes (MPI)" in run.stdout and run.stdout.count("epoch   1/2") == 1
+    one = checkpoint.load_checkpoint(tmp_path / "n1" / "checkpoint.npz")
+    two = checkpoint.load_checkpoint(tmp_path / "n2" / "checkpoint.npz")
+    for name in one["model"]:                   # float32: equal up to summation order
+        np.testing.assert_allclose(two["model"][name], one["model"][name], rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+    for a, b in zip(one["history"], two["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["test_acc"] == a["test_acc"] and b["train_images"] == a["train_images"] == 40
+
+
+def test_resume_with_two_processes_and_with_one(cifar, tmp_path):
+    needs_mpi()
+    assert mpirun(2, *train_args(cifar, tmp_path / "straight", "--epochs", "2")).returncode == 0
+    assert mpirun(2, *train_args(cifar, tmp_path / "resumed", "--epochs", "1")).returncode == 0
+    run = mpirun(2, *train_args(cifar, tmp_path / "resumed", "--resume", "--epochs", "2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    b = checkpoint.load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
+    for name in a["model"]:
+        np.testing.assert_array_equal(a["model"][name], b["model"][name], err_msg=name)
+    run = mpirun(1, *train_args(cifar, tmp_path / "resumed", "--resume", "--epochs", "3"))
+    assert run.returncode == 0 and "epoch   3/3" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_rank_that_fails_ends_every_rank_with_one_message(cifar, tmp_path):
+    needs_mpi()
+    bad = tmp_path / "bad"
+    shutil.copytree(cifar, bad)
+    (bad / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"garbage")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_"))}
+    good_rank = [sys.executable, *map(str, train_args(cifar, tmp_path / "run", "--epochs", "50"))]
+    bad_rank = [sys.executable, *map(str, train_args(bad, tmp_path / "run", "--epochs", "50"))]
+    run = subprocess.run([MPIEXEC, "-n", "1", *good_rank, ":", "-n", "1", *bad_rank],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert run.returncode != 0
+    assert "rank 1: error:" in run.stderr and "data_batch_2" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    differ = [sys.executable, *map(str, train_args(cifar, tmp_path / "run2", "--lr", "0.5"))]
+    run = subprocess.run([MPIEXEC, "-n", "1", *good_rank[:-2], "--epochs", "1", ":", "-n", "1",
+                          *differ], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=env)
+    assert run.returncode != 0 and "the ranks disagree on the settings" in run.stderr
