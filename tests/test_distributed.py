@@ -209,3 +209,15 @@ def test_a_rank_that_fails_ends_every_rank_with_one_message(cifar, tmp_path):
                           *differ], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env=env)
     assert run.returncode != 0 and "the ranks disagree on the settings" in run.stderr
+
+
+def test_the_scaling_benchmark_reports_one_and_two_processes():
+    needs_mpi()
+    run = mpirun(1, "benchmarks/scaling.py", "--preset", "cifar-tiny", "--batch", "4",
+                 "--steps", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines()
+            if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows)
+    assert float(rows[0][5].split()[0]) == 0.0 and float(rows[1][5].split()[0]) > 0
