@@ -1,6 +1,7 @@
 """How much does the autograd engine cost on top of the raw array operations?
 
-    python benchmarks/engine_overhead.py [--repeat 2000] [--depth 8] [--size 512]
+    python benchmarks/engine_overhead.py [--repeat 2000] [--depth 8] [--size 512] [--backend cupy]
+    python benchmarks/engine_overhead.py --smoke          # a second or two, for the tests
 
 1. Per-op overhead: one elementwise op on tiny arrays, where the arithmetic is
    nearly free, so the time is the engine's bookkeeping (wrapping, the device check,
@@ -9,40 +10,53 @@
    against the raw matmuls the same computation needs (1 forward and 2 backward
    products per layer): the ratio shows whether the engine adds more than noise where
    the real work is large.
-NumPy backend only; numbers depend on the machine and its BLAS.
+Runs on the default backend (NumPy, or CuPy with --backend cupy or MINIVIT_BACKEND=cupy);
+on CuPy every timing round ends with a device synchronisation, so queued kernels are
+counted.  Numbers depend on the machine and its BLAS.
 """
 import argparse
+import sys
 import time
 
 import numpy as np
 
 import minivit as mv
+from minivit import backend
+
+
+def synchronize():
+    """Wait for the GPU's queued work (nothing to wait for on NumPy)."""
+    if backend.default_device() == "cuda":
+        backend.module_for("cuda").cuda.Stream.null.synchronize()
 
 
 def best_of(fn, repeat, rounds=5):
     """Best mean time of `repeat` calls over a few rounds (seconds per call)."""
     best = float("inf")
     for _ in range(rounds):
+        synchronize()
         start = time.perf_counter()
         for _ in range(repeat):
             fn()
+        synchronize()
         best = min(best, (time.perf_counter() - start) / repeat)
     return best
 
 
-def per_op_overhead(repeat):
-    a_np, b_np = np.ones((4, 4)), np.ones((4, 4))
-    a, b = mv.tensor(a_np, requires_grad=True), mv.tensor(b_np, requires_grad=True)
-    raw = best_of(lambda: a_np * b_np, repeat)
+def per_op_overhead(repeat, rounds):
+    xp = backend.default_module()                 # numpy or cupy
+    a_raw, b_raw, ones = xp.ones((4, 4)), xp.ones((4, 4)), xp.ones((4, 4))
+    a, b = mv.tensor(a_raw, requires_grad=True), mv.tensor(b_raw, requires_grad=True)
+    raw = best_of(lambda: a_raw * b_raw, repeat, rounds)
     with mv.no_grad():
-        plain = best_of(lambda: a * b, repeat)
-    recorded = best_of(lambda: a * b, repeat)
+        plain = best_of(lambda: a * b, repeat, rounds)
+    recorded = best_of(lambda: a * b, repeat, rounds)
 
     def forward_backward():
-        (a * b).backward(np.ones((4, 4)))
-    full = best_of(forward_backward, repeat)
+        (a * b).backward(ones)
+    full = best_of(forward_backward, repeat, rounds)
     print("1. per-op overhead, elementwise multiply of two 4x4 float64 arrays")
-    print(f"   raw numpy op                          {raw * 1e6:8.2f} us")
+    print(f"   {'raw ' + xp.__name__ + ' op':38s}{raw * 1e6:8.2f} us")
     print(f"   Tensor op under no_grad               {plain * 1e6:8.2f} us  "
           f"(+{(plain - raw) * 1e6:.2f} us)")
     print(f"   Tensor op recording the graph         {recorded * 1e6:8.2f} us  "
@@ -50,13 +64,14 @@ def per_op_overhead(repeat):
     print(f"   forward + backward through the engine {full * 1e6:8.2f} us")
 
 
-def matmul_chain(depth, size, repeat):
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((size, size)).astype(np.float32)
-    ws_np = [(rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
-             for _ in range(depth)]
-    x = mv.tensor(x_np)
-    ws = [mv.tensor(w, requires_grad=True) for w in ws_np]
+def matmul_chain(depth, size, repeat, rounds):
+    rng = np.random.default_rng(0)                # drawn on the host, moved to the backend
+    x_raw = backend.asarray(rng.standard_normal((size, size)), dtype="float32")
+    ws_raw = [backend.asarray(rng.standard_normal((size, size)) / np.sqrt(size), dtype="float32")
+              for _ in range(depth)]
+    ones = backend.default_module().ones_like(x_raw)
+    x = mv.tensor(x_raw)
+    ws = [mv.tensor(w, requires_grad=True) for w in ws_raw]
 
     def engine():
         for w in ws:
@@ -64,17 +79,17 @@ def matmul_chain(depth, size, repeat):
         h = x
         for w in ws:
             h = h @ w
-        h.backward(np.ones_like(x_np))
+        h.backward(ones)
 
     def raw():
-        hs = [x_np]
-        for w in ws_np:
+        hs = [x_raw]
+        for w in ws_raw:
             hs.append(hs[-1] @ w)                 # forward
-        g = np.ones_like(x_np)
-        for h, w in zip(reversed(hs[:-1]), reversed(ws_np)):
+        g = ones
+        for h, w in zip(reversed(hs[:-1]), reversed(ws_raw)):
             _ = h.T @ g                           # dW
             g = g @ w.T                           # dh
-    t_engine, t_raw = best_of(engine, repeat), best_of(raw, repeat)
+    t_engine, t_raw = best_of(engine, repeat, rounds), best_of(raw, repeat, rounds)
     print(f"2. chain of {depth} matmuls {size}x{size} float32, forward + backward")
     print(f"   raw matmuls (3 per layer)             {t_raw * 1e3:8.2f} ms")
     print(f"   through the engine                    {t_engine * 1e3:8.2f} ms  "
@@ -86,9 +101,22 @@ def main():
     parser.add_argument("--repeat", type=int, default=2000, help="calls per timing round (part 1)")
     parser.add_argument("--depth", type=int, default=8, help="matmuls in the chain (part 2)")
     parser.add_argument("--size", type=int, default=512, help="matrix size (part 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the best is kept)")
+    parser.add_argument("--backend", default=backend.default_backend_name(),
+                        choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest run, for tests: --repeat 20 --depth 2 --size 32 "
+                             "--rounds 1")
     args = parser.parse_args()
-    per_op_overhead(args.repeat)
-    matmul_chain(args.depth, args.size, max(1, args.repeat // 400))
+    if args.smoke:
+        args.repeat, args.depth, args.size, args.rounds = 20, 2, 32, 1
+    try:
+        backend.use(args.backend)
+    except backend.BackendError as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.backend} backend ({backend.default_device()})")
+    per_op_overhead(args.repeat, args.rounds)
+    matmul_chain(args.depth, args.size, max(1, args.repeat // 400), args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One training step of a CIFAR ViT preset, against the floor set by its matrix products.
 
     python benchmarks/vit_step.py [--preset cifar-small] [--batch 128] [--backend numpy]
+    python benchmarks/vit_step.py --preset cifar-tiny --batch 4 --repeat 1     # for tests
 
 A step is forward, cross-entropy, backward and a parameter update (plain SGD: the
 update is a few elementwise passes whatever the optimiser).  The floor is the time
@@ -8,10 +9,13 @@ of the same step's matrix products alone: every matmul the forward pass made,
 recorded with its operands, plus the two products its backward needs (g b^T and
 a^T g), and the six batched products of each attention (q k^T and A v forward; A^T g,
 g v^T, dS k and dS^T q backward), run back to back on raw arrays.  The share of time per op family comes from
-timing every Function's forward and backward during one step.
+timing every Function's forward and backward during one step.  On CuPy every timing
+is bracketed by device synchronisations, so it counts the GPU's work, not just the
+kernel launches; the per-op shares then include one synchronisation per op.
 """
 import argparse
 import collections
+import sys
 import time
 
 import numpy as np
@@ -139,13 +143,18 @@ def main():
     parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--backend", default=backend.default_backend_name(),
                         choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
-    parser.add_argument("--repeat", type=int, default=5, help="steps timed (the best is kept)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="steps timed (the best is kept); the per-op shares take the best "
+                             "of min(3, repeat) steps")
     parser.add_argument("--no-keep-host-memory", action="store_true",
                         help="leave glibc's malloc as it is (see minivit.backend.keep_host_memory)")
     args = parser.parse_args()
     kept = not args.no_keep_host_memory and backend.keep_host_memory()
 
-    backend.use(args.backend)
+    try:
+        backend.use(args.backend)
+    except backend.BackendError as e:
+        sys.exit(f"error: {e}")
     device = backend.default_device()
     model = mv.nn.VisionTransformer(args.preset)
     rng = np.random.default_rng(0)
@@ -159,7 +168,8 @@ def main():
     t_step = best_time(step, device, args.repeat)
     pairs, triples = record_matmuls(step)
     t_floor = best_time(matmul_floor(pairs, triples), device, args.repeat)
-    spent, t_profiled = min((time_by_family(step, device) for _ in range(3)), key=lambda r: r[1])
+    spent, t_profiled = min((time_by_family(step, device) for _ in range(min(3, args.repeat))),
+                            key=lambda r: r[1])
 
     print(f"{args.preset}: {model.num_parameters():,} parameters, batch {args.batch}, "
           f"{args.backend} backend ({device}), host memory kept for reuse: {kept}")

@@ -193,7 +193,8 @@ def test_require_cuda_turns_the_cupy_skips_into_failures(tmp_path):
     instead of skipping half the suite; here `import cupy` is made to fail."""
     (tmp_path / "cupy").mkdir()
     (tmp_path / "cupy" / "__init__.py").write_text("raise ImportError('no CuPy in this test')\n")
-    env = {k: v for k, v in os.environ.items() if k != "MINIVIT_FAKE_CUPY"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MINIVIT_FAKE_CUPY", "MINIVIT_REQUIRE_CUDA")}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     test = str(pathlib.Path(__file__).with_name("test_backend.py")) + "::test_scatter_add_accumulates_repeats"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]

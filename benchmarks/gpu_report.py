@@ -1,0 +1,455 @@
+"""One command on a GPU machine, one Markdown report of what the project needs to know.
+
+    python benchmarks/gpu_report.py --data-dir ~/data --out report.md
+    python benchmarks/gpu_report.py --skip tests,train                # the benchmarks only
+    python benchmarks/gpu_report.py --smoke --data-dir DIR            # seconds, for the tests
+
+Sections, in order (leave any out with --skip NAME[,NAME...]):
+
+  gpu       the GPU's name, CuPy, CUDA runtime and driver versions
+  tests     the test suite's [cuda] cases (pytest -k cuda with MINIVIT_REQUIRE_CUDA=1,
+            so a missing GPU fails them instead of skipping): counts and failing ids
+  vit_step  benchmarks/vit_step.py --backend cupy: one training step against the time
+            of its matrix products alone
+  torch     benchmarks/torch_throughput.py --device cuda: training throughput of minivit
+            on CuPy against PyTorch eager, PyTorch "fast" (SDPA + fused AdamW) and
+            torch.compile on the same GPU (skipped where PyTorch is not importable)
+  train     examples/train_cifar.py --preset gpu --backend cupy, stopped after
+            --train-minutes, then its OUT/log.jsonl: images/s and test accuracy per epoch
+            (needs --data-dir, a folder holding cifar-10-batches-py/)
+
+Every section stands alone: an error is written into its section and the others
+still run.  The programs run as subprocesses (this Python, the repository root as
+working directory and on PYTHONPATH), each with a timeout, so the whole report fits
+in --budget seconds (default 600).  Each section is printed as it finishes and, with
+--out, the file is rewritten after each one, so a run stopped early keeps what it had.
+--smoke shrinks every section to seconds (tiny models, one step, a training run on
+--train-subset, two test files) to check the report itself, e.g. on the CuPy stand-in
+(MINIVIT_FAKE_CUPY=1) on a machine without a GPU.
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                   # run from a checkout without installing
+
+from minivit import backend  # noqa: E402
+
+SECTIONS = ("gpu", "tests", "vit_step", "torch", "train")
+TITLES = {"gpu": "GPU and software", "tests": "Test suite on CuPy ([cuda] cases)",
+          "vit_step": "One training step against its matmul floor (vit_step.py)",
+          "torch": "Training throughput against PyTorch (torch_throughput.py)",
+          "train": "CIFAR-10 training run (train_cifar.py --preset gpu)"}
+# Seconds each section may take at most, and the least worth starting it with.
+CAPS = {"tests": 180, "vit_step": 60, "torch": 150}
+FLOORS = {"tests": 20, "vit_step": 10, "torch": 20, "train": 60}
+SMOKE_TEST_FILES = ["tests/test_loss.py", "tests/test_norm.py"]
+
+
+class Skipped(Exception):
+    """A section that cannot run here (no data, no PyTorch, no time left): says why."""
+
+
+class Failed(Exception):
+    """A section whose program failed: its message and the end of the program's output."""
+
+
+# --- running programs ---------------------------------------------------------------------
+
+def child_env(**changes):
+    """This environment, with the repository root in front of PYTHONPATH and `changes`
+    applied (a value of None removes the variable)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def stop(proc, grace=20):
+    """SIGINT to the program's process group (Python stops with KeyboardInterrupt, pytest
+    prints its summary), then SIGTERM, then SIGKILL, each after `grace` seconds."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run(cmd, timeout, env=None):
+    """Run `cmd` from the repository root; (exit status, or None when it was stopped at
+    `timeout` seconds, and its output: stdout and stderr together)."""
+    print(f"[gpu_report] {shlex.join(str(c) for c in cmd)}  (timeout {timeout:.0f} s)",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryFile() as out:          # a file, not a pipe: nothing can block
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or child_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            status = None
+        except KeyboardInterrupt:                  # its own session does not get our Ctrl-C
+            stop(proc, grace=5)
+            raise
+        out.seek(0)
+        return status, out.read().decode(errors="replace")
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def tail(text, lines=15):
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def code_block(text):
+    return f"```\n{text.rstrip()}\n```"
+
+
+def fail_unless_ok(what, status, output, timeout):
+    if status is None:
+        raise Failed(f"{what} did not finish within {timeout:.0f} s; the end of its output:\n\n"
+                     + code_block(tail(output)))
+    if status != 0:
+        raise Failed(f"{what} exited with status {status}; the end of its output:\n\n"
+                     + code_block(tail(output)))
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- (a) the GPU ---------------------------------------------------------------------------
+
+def cuda_version(number):
+    """CUDA's integer versions, e.g. 12040 -> "12.4 (12040)"."""
+    return f"{number // 1000}.{number % 1000 // 10} ({number})"
+
+
+def section_gpu(args, timeout):
+    cupy = backend.module_for("cuda")              # the BackendError says what is missing
+    runtime = cupy.cuda.runtime
+    rows = []
+
+    def add(what, get):
+        try:
+            rows.append((what, get()))
+        except Exception as e:                     # one missing detail spoils nothing else
+            rows.append((what, f"unavailable ({type(e).__name__}: {e})"))
+
+    props = runtime.getDeviceProperties(0)
+    name = props["name"]
+    add("GPU", lambda: name.decode() if isinstance(name, bytes) else name)
+    add("GPU memory", lambda: f"{props['totalGlobalMem'] / 2 ** 30:.1f} GiB")
+    add("compute capability", lambda: f"{props['major']}.{props['minor']}")
+    add("GPUs visible", runtime.getDeviceCount)
+    add("CuPy", lambda: cupy.__version__)
+    add("CUDA runtime", lambda: cuda_version(runtime.runtimeGetVersion()))
+    add("CUDA driver", lambda: cuda_version(runtime.driverGetVersion()))
+    add("NumPy", lambda: backend.module_for("cpu").__version__)
+    add("Python", platform.python_version)
+    text = table(["", ""], rows)
+    if getattr(cupy, "_IS_STANDIN", False):
+        text = ("**CuPy is the NumPy-backed stand-in of tests/fake_cupy (MINIVIT_FAKE_CUPY=1): "
+                "no real GPU; the timings below are CPU timings.**\n\n" + text)
+    return text
+
+
+# --- (b) the tests -------------------------------------------------------------------------
+
+def section_tests(args, timeout):
+    files = SMOKE_TEST_FILES if args.smoke and not args.test_files else args.test_files
+    cmd = [sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-rfEs", "-p", "no:cacheprovider",
+           *files]
+    env = child_env(MINIVIT_REQUIRE_CUDA="1", MINIVIT_BACKEND=None, COLUMNS="200")
+    status, output = run(cmd, timeout, env)
+    # pytest's last word: "3 failed, 9 passed, 2 skipped, 40 deselected in 12.3s"
+    summaries = re.findall(r"^.*\d+ (?:passed|failed|skipped|errors?|deselected)\b.* in [\d.]+s.*$",
+                           output, re.MULTILINE)
+    counts = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in
+              re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)",
+                         summaries[-1] if summaries else "")}
+    failing = re.findall(r"^(FAILED|ERROR) (.+?)(?: - (.*))?$", output, re.MULTILINE)
+    skip_reasons = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", output, re.MULTILINE)
+    if not counts:
+        raise Failed(f"pytest gave no summary (exit status {status}); the end of its output:"
+                     f"\n\n{code_block(tail(output))}")
+    lines = [f"`{shlex.join(cmd[1:])}` with MINIVIT_REQUIRE_CUDA=1, MINIVIT_BACKEND unset:",
+             "", table(["passed", "failed", "errors", "skipped", "deselected"],
+                       [[counts.get(k, 0) for k in ("passed", "failed", "error", "skipped",
+                                                     "deselected")]])]
+    if status is None:
+        lines += ["", f"**Stopped at the {timeout:.0f} s timeout: the counts cover the tests "
+                      "run until then.**"]
+    by_message = {}                                 # one line per error, then its tests
+    for kind, test_id, message in failing:
+        key = " ".join(message.split()).rstrip(".") or "(no message)"
+        by_message.setdefault(key, []).append(f"{kind} `{test_id}`")
+    for message, tests in by_message.items():
+        lines += ["", f"{len(tests)} failing with: {message[:300]}", ""]
+        lines += [f"- {test}" for test in tests]
+    if skip_reasons:
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {n} x {reason[:200]}" for n, reason in skip_reasons[:10]]
+    return "\n".join(lines)
+
+
+# --- (c) vit_step --------------------------------------------------------------------------
+
+def section_vit_step(args, timeout):
+    cmd = [sys.executable, "benchmarks/vit_step.py", "--backend", "cupy"]
+    if args.smoke:
+        cmd += ["--preset", "cifar-tiny", "--batch", "4", "--repeat", "1"]
+    status, output = run(cmd, timeout)
+    fail_unless_ok("vit_step.py", status, output, timeout)
+    step = re.search(r"training step .*?([\d.,]+) ms\s+\(([\d,]+) images/s\)", output)
+    floor = re.search(r"its matrix products alone .*?([\d.,]+) ms", output)
+    ratio = re.search(r"step / matmul floor\s+([\d.,]+)x", output)
+    summary = ""
+    if step and floor and ratio:
+        summary = (f"A training step takes **{step[1]} ms** ({step[2]} images/s), "
+                   f"**{ratio[1]}x** the {floor[1]} ms of its matrix products alone.\n\n")
+    return summary + f"`{shlex.join(cmd[1:])}`:\n\n" + code_block(output)
+
+
+# --- (d) PyTorch ---------------------------------------------------------------------------
+
+def torch_probe(timeout):
+    """(version, has CUDA) of the PyTorch this Python imports; Skipped where it cannot."""
+    status, output = run([sys.executable, "-c", "import torch; print(torch.__version__); "
+                          "print(torch.cuda.is_available())"], timeout)
+    if status != 0:
+        raise Skipped(f"PyTorch is not importable here ({tail(output, 1) or 'timed out'}); "
+                      "no comparison")
+    version, cuda = output.split()[-2:]
+    return version, cuda == "True"
+
+
+def section_torch(args, timeout):
+    deadline = time.monotonic() + timeout
+    version, has_cuda = torch_probe(min(60, timeout))
+    device = "cuda"
+    lines = []
+    if not has_cuda:
+        if not args.smoke:
+            raise Skipped(f"PyTorch {version} here has no CUDA; no comparison on the GPU")
+        device = "cpu"
+        lines += [f"**PyTorch {version} has no CUDA here: this smoke run compares on the CPU "
+                  "(minivit on NumPy).**", ""]
+    runs = ["cifar-tiny:4"] if args.smoke else args.torch_runs.split(",")
+    for spec in runs:
+        preset, _, batch = spec.partition(":")
+        left = deadline - time.monotonic()
+        if left < 5:
+            lines += [f"{preset} batch {batch}: not run, no time left.", ""]
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            path = pathlib.Path(folder) / "throughput.json"
+            cmd = [sys.executable, "benchmarks/torch_throughput.py", "--device", device,
+                   "--preset", preset, "--batch", batch or "256", "--json", path,
+                   "--steps", "1" if args.smoke else str(args.torch_steps)]
+            if args.smoke:
+                cmd += ["--baselines", "eager,fast"]
+            status, output = run(cmd, left)
+            result = json.loads(path.read_text()) if path.is_file() else None
+        if result is None:
+            fail_unless_ok(f"torch_throughput.py --preset {preset}", status, output, left)
+            raise Failed(f"torch_throughput.py --preset {preset} wrote no JSON:\n\n"
+                         + code_block(tail(output)))
+        lines += [f"**{result['preset']}**, {result['parameters']:,} parameters, batch "
+                  f"{result['batch']}, fp32, timed over {result['steps']} steps on "
+                  f"{result['device']}, PyTorch {result['torch_version']}:", ""]
+        lines.append(table(["", "images/s", "minivit / this", "logits: max difference"],
+                           [[row["label"], f"{row['images_per_s']:,.0f}",
+                             f"{row['minivit_over_this']:.2f}x",
+                             "-" if row["name"] == "minivit"
+                             else f"{row['logits_max_difference']:.1e}"]
+                            for row in result["rows"]]))
+        for missing in result["unavailable"]:
+            name = "torch.compile" if missing["name"] == "compile" else f"PyTorch {missing['name']}"
+            lines += ["", f"{name}: unavailable ({missing['reason']})"]
+        if not result["logits_match"]:
+            lines += ["", "**A baseline's logits do not match minivit's: its timing compares "
+                          "different computations.**"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- (e) training on CIFAR-10 --------------------------------------------------------------
+
+def has_cifar(folder):
+    folder = pathlib.Path(folder)
+    return (folder / "cifar-10-batches-py").is_dir() or (
+        folder.name == "cifar-10-batches-py" and folder.is_dir())
+
+
+def section_train(args, timeout):
+    if not args.data_dir:
+        raise Skipped("no --data-dir given (a folder holding cifar-10-batches-py/)")
+    if not has_cifar(args.data_dir):
+        raise Skipped(f"--data-dir {args.data_dir} holds no cifar-10-batches-py/")
+    with tempfile.TemporaryDirectory() as scratch:
+        out = pathlib.Path(args.train_out or pathlib.Path(scratch) / "run")
+        cmd = [sys.executable, "examples/train_cifar.py", "--preset", "gpu", "--backend", "cupy",
+               "--data-dir", args.data_dir, "--out", out, "--no-progress", "--no-download"]
+        if args.smoke:
+            cmd += ["--model", "cifar-tiny", "--train-subset", "64", "--batch-size", "32",
+                    "--epochs", "2", "--warmup-epochs", "1"]
+        budget = min(args.train_minutes * 60, timeout - 40)     # 40 s to stop it
+        start = time.monotonic()
+        status, output = run(cmd, budget)
+        wall = time.monotonic() - start
+        log = out / "log.jsonl"
+        history = [json.loads(line) for line in log.read_text().splitlines()
+                   if line.strip()] if log.is_file() else []
+    how = (f"stopped after its {budget / 60:.1f}-minute budget" if status is None
+           else "finished" if status == 0 else f"exited with status {status}")
+    lines = [f"`{shlex.join(str(c) for c in cmd[1:])}`: {how}, {duration(wall)} wall time, "
+             f"{len(history)} epoch{'s' if len(history) != 1 else ''} logged.", ""]
+    if history:
+        speeds = sorted(row["images_per_s"] for row in history)
+        best = max(history, key=lambda row: row["test_acc"])
+        lines += [f"Training speed {speeds[len(speeds) // 2]:,.0f} images/s (median over "
+                  f"epochs); test accuracy {100 * history[-1]['test_acc']:.2f}% after epoch "
+                  f"{history[-1]['epoch']} (best {100 * best['test_acc']:.2f}%, epoch "
+                  f"{best['epoch']}), {duration(history[-1]['elapsed_s'])} of training and "
+                  f"testing.", ""]
+        lines.append(table(["epoch", "train loss", "train acc", "test loss", "test acc",
+                            "images/s", "elapsed (min)"],
+                           [[row["epoch"], f"{row['train_loss']:.4f}",
+                             f"{100 * row['train_acc']:.2f}%", f"{row['test_loss']:.4f}",
+                             f"{100 * row['test_acc']:.2f}%", f"{row['images_per_s']:,.0f}",
+                             f"{row['elapsed_s'] / 60:.2f}"] for row in history]))
+    if status not in (0, None):
+        raise Failed("\n".join(lines + ["", "The end of its output:", "",
+                                         code_block(tail(output))]))
+    if not history:
+        lines += ["No epoch finished within the budget; the end of its output:", "",
+                  code_block(tail(output))]
+    return "\n".join(lines)
+
+
+# --- the report ----------------------------------------------------------------------------
+
+RUNNERS = {"gpu": section_gpu, "tests": section_tests, "vit_step": section_vit_step,
+           "torch": section_torch, "train": section_train}
+
+
+def run_section(name, function, args, timeout):
+    """(status, Markdown) of one section: "ok", "skipped" or "failed"; never raises."""
+    title = f"## {SECTIONS.index(name) + 1}. {TITLES[name]}"
+    start = time.monotonic()
+    try:
+        body, status = function(args, timeout), "ok"
+    except Skipped as e:
+        body, status = f"Skipped: {e}", "skipped"
+    except Failed as e:
+        body, status = f"**Failed**: {e}", "failed"
+    except Exception as e:                          # a bug here, or the GPU itself failing
+        body, status = f"**Failed**: {type(e).__name__}: {e}", "failed"
+    return status, f"{title}\n\n{body}\n\n_({time.monotonic() - start:.0f} s)_\n"
+
+
+def header(args):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# minivit GPU report\n\n{when} on {platform.node()}, minivit {commit}"
+            f"{' with uncommitted changes' if dirty else ''}; "
+            f"`{shlex.join(['python'] + sys.argv)}`"
+            f"{' (smoke run: tiny settings, not measurements)' if args.smoke else ''}\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[5:]))
+    p.add_argument("--out", help="also write the report to this Markdown file")
+    p.add_argument("--budget", type=float, default=600,
+                   help="seconds the whole report may take (default 600)")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to leave out: "
+                                              f"{', '.join(SECTIONS)}")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/, for the train section")
+    p.add_argument("--train-minutes", type=float, default=5,
+                   help="stop the training run after this many minutes (default 5)")
+    p.add_argument("--train-out", help="folder for the training run's log and checkpoint "
+                                       "(default: a temporary folder, removed afterwards)")
+    p.add_argument("--torch-runs", default="cifar-small:256",
+                   help="comma-separated PRESET:BATCH runs of torch_throughput.py "
+                        "(default cifar-small:256)")
+    p.add_argument("--torch-steps", type=int, default=30, help="timed steps per torch run")
+    p.add_argument("--test-files", nargs="*", default=[],
+                   help="test files for the tests section (default: the whole suite)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every section in seconds (tiny models, one step, a short training "
+                        "run, two test files): checks the report, measures nothing")
+    args = p.parse_args(argv)
+    args.skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    unknown = sorted(set(args.skip) - set(SECTIONS))
+    if unknown:
+        p.error(f"--skip: unknown section(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.budget - 10          # 10 s to write the report
+    train_seconds = args.train_minutes * 60 if args.data_dir else 0
+    parts, statuses = [header(args)], {}
+    print(parts[0], flush=True)
+    for i, name in enumerate(SECTIONS):
+        if name in args.skip:
+            continue
+        later = [n for n in SECTIONS[i + 1:] if n not in args.skip]
+        reserve = sum(FLOORS[n] for n in later if n != "train")   # the least each later
+        if "train" in later and train_seconds:                      # section needs, more
+            reserve += FLOORS["train"] + min(train_seconds, 120)    # for training
+        timeout = deadline - time.monotonic() - reserve
+        if name in CAPS:
+            timeout = min(CAPS[name], timeout)
+        if name != "gpu" and timeout < FLOORS[name]:          # gpu takes a second: always
+            status, text = "skipped", (f"## {i + 1}. {TITLES[name]}\n\nSkipped: the --budget "
+                                       f"leaves it {max(timeout, 0):.0f} s, it needs at least "
+                                       f"{FLOORS[name]} s.\n")
+        else:
+            status, text = run_section(name, RUNNERS[name], args, timeout)
+        statuses[name] = status
+        parts.append(text)
+        print(text, flush=True)
+        if args.out:
+            pathlib.Path(args.out).write_text("\n".join(parts))
+    summary = "Sections: " + ", ".join(f"{n} {s}" for n, s in statuses.items()) + "\n"
+    parts.append(summary)
+    print(summary, flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
