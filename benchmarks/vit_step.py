@@ -25,6 +25,7 @@ from minivit import backend
 from minivit.autograd import Function
 from minivit.ops.attention import ScaledDotProductAttention
 from minivit.ops.basic import MatMul
+from minivit.optim import SGD
 
 
 def synchronize(device):
@@ -33,15 +34,27 @@ def synchronize(device):
 
 
 def make_step(model, images, labels, lr=1e-3):
+    optimizer = SGD(model.parameters(), lr=lr, momentum=0.0)     # fused: whole-buffer update
+
     def step():
         model.zero_grad()
         loss = mv.cross_entropy(model(images), labels)
         loss.backward()
-        with mv.no_grad():
-            for p in model.parameters():
-                p.data -= lr * p.grad
+        optimizer.step()
         return loss
     return step
+
+
+def standin_counts(step):
+    """Device reads, host-to-device copies and kernel launches of one step, counted by the
+    CuPy stand-in (MINIVIT_FAKE_CUPY=1); None on a real GPU or on NumPy."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None or not getattr(cupy, "_IS_STANDIN", False):
+        return None
+    from cupy import _standin
+    _standin.reset()
+    step()
+    return _standin.counts()
 
 
 def best_time(fn, device, repeat):
@@ -178,6 +191,10 @@ def main():
     print(f"  its matrix products alone ({len(pairs)} matmuls x 3, {len(triples)} attentions x 6)"
           f" {t_floor * 1e3:9.1f} ms")
     print(f"  step / matmul floor                               {t_step / t_floor:9.2f}x")
+    counts = standin_counts(step)
+    if counts:
+        print(f"  per step on the CuPy stand-in: {counts['reads']} device reads, "
+              f"{counts['copies']} host-to-device copies, {counts['launches']} kernel launches")
     print(f"  share of one step ({t_profiled * 1e3:.1f} ms with per-op timing):")
     for name, seconds in spent.most_common():
         if seconds / t_profiled >= 0.005:
