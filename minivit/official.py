@@ -30,8 +30,25 @@ query, key and value kernels flatten to (D, D) with column h*d + j = feature j o
 and stand side by side as [q | k | v] in minivit's (D, 3D) qkv weight; the out kernel
 flattens to (D, D) rows in the same head-major order.  The official model runs GELU in
 its tanh form (Flax's nn.gelu default) and LayerNorm with eps 1e-6 (Flax's default);
-attention scales q by 1/sqrt(d).  Hybrid models (a ResNet stem before the embedding:
-conv_root/kernel, gn_root/..., block1/unit1/...) are not supported.
+attention scales q by 1/sqrt(d).
+
+Hybrid models (R50+ViT-B_16.npz, R26+ViT-S_32.npz, R+ViT-Ti_16.npz, ...; paper Sec. 3.1)
+add a ResNet stem of width w = int(64 * width_factor), whose arrays sit at the top level
+of the file, with the names models_vit.py gives the root and the stages (no prefix):
+
+    conv_root/kernel                      (7, 7, C, w)     StdConv, no bias
+    gn_root/{scale,bias}                  (w,)             GroupNorm, 32 groups
+    block{i}/unit{j}/conv1/kernel         (1, 1, c_in, f)  i = 1.. stages, j = 1.. units,
+    block{i}/unit{j}/conv2/kernel         (3, 3, f, f)     f = w 2^(i-1), c_in = the unit's
+    block{i}/unit{j}/conv3/kernel         (1, 1, f, 4f)    input channels
+    block{i}/unit{j}/gn{1,2,3}/{scale,bias}   (f,), (f,), (4f,)
+    block{i}/unit{j}/conv_proj/kernel     (1, 1, c_in, 4f) only where the residual is
+    block{i}/unit{j}/gn_proj/{scale,bias} (4f,)            projected (unit1 of each stage)
+
+(older files store the GroupNorm scale and bias as (1, 1, 1, n): they are read as (n,));
+the embedding kernel then reads the feature map: (P, P, channels of the feature map, D).
+minivit keeps these arrays as they are, under resnet.conv_root.kernel,
+resnet.stages.{i-1}.units.{j-1}.conv1.kernel, ... (nn/resnet.py).
 
 Position embeddings for another image size: the official fine-tuning (vit_jax/checkpoint.py,
 load_pretrained) keeps the [CLS] row and zooms the sqrt(N) x sqrt(N) grid of patch rows
@@ -46,6 +63,7 @@ from dataclasses import replace
 
 from minivit import backend
 from minivit.checkpoint import atomic_write
+from minivit.nn.resnet import resnet_width
 from minivit.nn.vit import ViTConfig, VisionTransformer
 
 OFFICIAL_GELU = "tanh"          # Flax's nn.gelu(x) is the tanh approximation
@@ -53,6 +71,8 @@ POS_KEY = "Transformer/posembed_input/pos_embedding"
 ATTN, MLP = "MultiHeadDotProductAttention_1", "MlpBlock_3"
 _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/")
 _HYBRID = re.compile(r"^(conv_root|gn_root|block\d+)/")
+_UNIT = re.compile(r"^block(\d+)/unit(\d+)/")
+_GROUP_NORM = re.compile(r"^(gn_root|block\d+/unit\d+/gn(1|2|3|_proj))/(scale|bias)$")
 
 
 def _np():
@@ -101,11 +121,37 @@ def _block_renames(i):
             (m + "mlp.fc2.bias", b + MLP + "/Dense_1/bias")]
 
 
+def _stem_renames(config):
+    """(minivit name, official key) of the hybrid's ResNet arrays, which all keep their shape."""
+    if not config.hybrid:
+        return []
+    pairs = [("resnet.conv_root.kernel", "conv_root/kernel"),
+             ("resnet.gn_root.scale", "gn_root/scale"), ("resnet.gn_root.bias", "gn_root/bias")]
+    for i, _, j, projected in _units(config):
+        m, o = f"resnet.stages.{i}.units.{j}.", f"block{i + 1}/unit{j + 1}/"
+        for conv, gn in [("conv1", "gn1"), ("conv2", "gn2"), ("conv3", "gn3")] + (
+                [("conv_proj", "gn_proj")] if projected else []):
+            pairs += [(f"{m}{conv}.kernel", f"{o}{conv}/kernel"),
+                      (f"{m}{gn}.scale", f"{o}{gn}/scale"), (f"{m}{gn}.bias", f"{o}{gn}/bias")]
+    return pairs
+
+
+def _units(config):
+    """(stage i, features f, unit j, projected?) of every bottleneck unit, from 0."""
+    width = channels = resnet_width(config.width_factor)
+    for i, num_units in enumerate(config.resnet_layers or ()):
+        f = width * 2 ** i
+        for j in range(num_units):
+            yield i, f, j, channels != 4 * f or (i > 0 and j == 0)
+            channels = 4 * f
+
+
 def _top_renames(config):
     """(minivit name, official key) of the arrays outside the blocks that keep their shape."""
-    pairs = [("patch_embed.bias", "embedding/bias"), ("norm.scale", "Transformer/encoder_norm/scale"),
-             ("norm.bias", "Transformer/encoder_norm/bias"),
-             ("head.weight", "head/kernel"), ("head.bias", "head/bias")]
+    pairs = _stem_renames(config) + [
+        ("patch_embed.bias", "embedding/bias"), ("norm.scale", "Transformer/encoder_norm/scale"),
+        ("norm.bias", "Transformer/encoder_norm/bias"),
+        ("head.weight", "head/kernel"), ("head.bias", "head/bias")]
     if config.classifier == "token":
         pairs.append(("cls_token", "cls"))
     if config.representation_size:
@@ -119,7 +165,7 @@ def official_shapes(config, pos_tokens=None):
     c = config
     D, H, M, P = c.hidden_size, c.num_heads, c.mlp_dim, c.patch_size
     d, R = D // H, c.representation_size or c.hidden_size
-    shapes = {"embedding/kernel": (P, P, c.in_channels, D), "embedding/bias": (D,),
+    shapes = {"embedding/kernel": (P, P, c.embed_channels, D), "embedding/bias": (D,),
               "Transformer/encoder_norm/scale": (D,), "Transformer/encoder_norm/bias": (D,),
               "head/kernel": (R, c.num_classes), "head/bias": (c.num_classes,)}
     if c.classifier == "token":
@@ -128,6 +174,20 @@ def official_shapes(config, pos_tokens=None):
         shapes[POS_KEY] = (1, pos_tokens or c.num_tokens, D)
     if c.representation_size:
         shapes.update({"pre_logits/kernel": (D, R), "pre_logits/bias": (R,)})
+    if c.hybrid:
+        w = resnet_width(c.width_factor)
+        shapes.update({"conv_root/kernel": (7, 7, c.in_channels, w),
+                       "gn_root/scale": (w,), "gn_root/bias": (w,)})
+        channels = w
+        for i, f, j, projected in _units(c):
+            o = f"block{i + 1}/unit{j + 1}/"
+            convs = {"1": (1, 1, channels, f), "2": (3, 3, f, f), "3": (1, 1, f, 4 * f)}
+            if projected:
+                convs["_proj"] = (1, 1, channels, 4 * f)
+            for k, kernel in convs.items():
+                shapes.update({f"{o}conv{k}/kernel": kernel, f"{o}gn{k}/scale": kernel[-1:],
+                               f"{o}gn{k}/bias": kernel[-1:]})
+            channels = 4 * f
     for i in range(c.depth):
         b = f"Transformer/encoderblock_{i}/"
         for name in ("LayerNorm_0", "LayerNorm_2"):
@@ -145,7 +205,7 @@ def official_arrays(model):
     c, s = model.config, model.state_dict()
     D, H, P = c.hidden_size, c.num_heads, c.patch_size
     out = {key: s[name] for name, key in _top_renames(c)}
-    out["embedding/kernel"] = s["patch_embed.kernel"].reshape(P, P, c.in_channels, D)
+    out["embedding/kernel"] = s["patch_embed.kernel"].reshape(P, P, c.embed_channels, D)
     if c.pos_embed != "none":        # learned, or sincos2d's fixed table written as a table
         out[POS_KEY] = (s["pos_embed"] if c.pos_embed == "learned"
                         else backend.to_numpy(model.pos_embed).copy())
@@ -181,6 +241,33 @@ def _minivit_state(arrays, config):
 
 # --- the architecture, read off the arrays ---------------------------------------------
 
+def _squeeze_group_norms(arrays):
+    """The arrays with every GroupNorm scale and bias of shape (1, 1, 1, n) (older files,
+    written by the pre-Linen Flax) reshaped to (n,), the shape the Linen code writes."""
+    return {k: (v.reshape(-1) if _GROUP_NORM.match(k) and v.ndim == 4 and v.shape[:3] == (1, 1, 1)
+                else v) for k, v in arrays.items()}
+
+
+def _hybrid_fields(arrays):
+    """{in_channels, resnet_layers, width_factor} of a hybrid's arrays, {} for a pure ViT.
+
+    The width and image channels come from conv_root/kernel (7, 7, C, w); the stages from
+    the block{i}/unit{j} keys, as the number of units of each block.  What cannot be read
+    gets a placeholder, and the missing keys are reported with the rest."""
+    if not any(_HYBRID.match(k) for k in arrays):
+        return {}
+    root = arrays.get("conv_root/kernel")
+    channels, width = (int(root.shape[2]), int(root.shape[3])) if (
+        root is not None and root.ndim == 4) else (3, 64)
+    units = {}
+    for m in filter(None, map(_UNIT.match, arrays)):
+        i, j = int(m.group(1)), int(m.group(2))
+        units[i] = max(units.get(i, 1), j)
+    layers = tuple(units.get(i, 1) for i in range(1, max(units, default=0) + 1))
+    width_factor = width / 64 if width >= 32 and width % 32 == 0 else 1.0
+    return dict(in_channels=channels, resnet_layers=layers, width_factor=width_factor)
+
+
 def _first_dim(arrays, keys, axis):
     """Size of `axis` of the first of `keys` present with enough axes, else None."""
     for key in keys:
@@ -193,18 +280,19 @@ def config_from_official(arrays, image_size=None, gelu=OFFICIAL_GELU, **fields):
     """The ViTConfig of official arrays {key: array}, after checking every key and shape.
 
     Patch size, channels and width come from embedding/kernel, the depth from the
-    encoderblock_{i} keys, the heads from the query kernels, the MLP width from Dense_0,
+    encoderblock_{i} keys, a hybrid's ResNet from conv_root/kernel (the image channels and
+    the width, so width_factor = width / 64) and the block{i}/unit{j} keys (units per
+    stage), the heads from the query kernels, the MLP width from Dense_0,
     the classes from the head, the classifier from `cls` ("token" when present, else
     "gap"), the representation size from pre_logits, and the image size from the number of
-    position-embedding rows: sqrt(N) patches a side times P.  A checkpoint without
+    position-embedding rows: sqrt(N) patches a side times P (times the stem's
+    downsampling, 4 for the root alone and 2 more per stage after the first, for a
+    hybrid).  GroupNorm arrays of shape (1, 1, 1, n) are read as (n,).  A checkpoint without
     position embeddings does not record its image size: pass image_size.  Missing keys,
     unexpected keys and wrong shapes are all listed in one ValueError.
     """
+    arrays = _squeeze_group_norms(arrays)
     keys = set(arrays)
-    if any(_HYBRID.match(k) for k in keys):
-        raise ValueError("hybrid (ResNet + ViT) checkpoints are not supported yet: this one "
-                         "has a ResNet stem (conv_root/..., block1/...) before the patch "
-                         "embedding; use a pure ViT checkpoint such as ViT-B_16.npz")
     kernel = arrays.get("embedding/kernel")
     if kernel is None:
         hint = ("; it is a minivit checkpoint: load it with minivit.checkpoint.load_checkpoint"
@@ -215,6 +303,9 @@ def config_from_official(arrays, image_size=None, gelu=OFFICIAL_GELU, **fields):
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1]:
         raise ValueError(f"embedding/kernel must have shape (P, P, C, D), got {kernel.shape}")
     P, _, C, D = (int(n) for n in kernel.shape)
+    hybrid = _hybrid_fields(arrays)
+    if hybrid:
+        C = hybrid["in_channels"]          # the image's; the embedding reads the feature map
 
     blocks = sorted({int(m.group(1)) for m in map(_BLOCK.match, keys) if m})
     depth = blocks[-1] + 1 if blocks else 0
@@ -242,6 +333,8 @@ def config_from_official(arrays, image_size=None, gelu=OFFICIAL_GELU, **fields):
             raise ValueError(f"{POS_KEY} has {pos_tokens} rows: with classifier {classifier!r} "
                              f"that is {pos_tokens - has_cls} patches, not a square grid")
         checkpoint_size = grid * P
+        if hybrid:                         # the stem's downsampling: 4, then 2 per stage
+            checkpoint_size *= 2 ** (2 + max(len(hybrid["resnet_layers"]) - 1, 0))
 
     # Build the expected layout with whatever could be read (an unreadable dimension
     # leaves its keys missing, which is reported below with everything else).
@@ -250,6 +343,9 @@ def config_from_official(arrays, image_size=None, gelu=OFFICIAL_GELU, **fields):
                          num_classes=num_classes or 1, classifier=classifier,
                          representation_size=representation,
                          pos_embed="learned" if pos is not None else "none", gelu=gelu)
+    if hybrid:
+        config_fields.update(resnet_layers=hybrid["resnet_layers"],
+                             width_factor=hybrid["width_factor"])
     problems = []
     if heads and D % heads:
         problems.append(f"the width D={D} is not divisible by the {heads} heads of the query "
@@ -271,8 +367,10 @@ def config_from_official(arrays, image_size=None, gelu=OFFICIAL_GELU, **fields):
         problems.append("no Transformer/encoderblock_{i} arrays at all")
     if problems:
         listing = "\n  ".join(problems)
-        raise ValueError(f"not a valid official ViT checkpoint (read as D={D}, P={P}, C={C}, "
-                         f"{depth} blocks, classifier {classifier!r}):\n  {listing}")
+        stem = (f"a ResNet stem {hybrid['resnet_layers']} of width_factor "
+                f"{hybrid['width_factor']}, " if hybrid else "")
+        raise ValueError(f"not a valid official ViT checkpoint (read as {stem}D={D}, P={P}, "
+                         f"C={C}, {depth} blocks, classifier {classifier!r}):\n  {listing}")
     return replace(config, **fields) if fields else config
 
 
@@ -335,10 +433,11 @@ def resize_position_embedding(pos_embed, new_grid, has_cls):
 # --- loading and saving ----------------------------------------------------------------
 
 def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFICIAL_GELU,
-                  dropout=0.0, attention_dropout=0.0, keep_pre_logits=False):
+                  dropout=0.0, attention_dropout=0.0, keep_pre_logits=False, dtype="float32"):
     """A minivit VisionTransformer with the weights of an official .npz checkpoint.
 
-    The architecture is read off the arrays (see config_from_official).  The official
+    The architecture is read off the arrays (see config_from_official), hybrids (a ResNet
+    stem, e.g. R50+ViT-B_16.npz) included.  The official
     code runs GELU in its tanh form and LayerNorm with eps 1e-6, so the model's config
     says gelu="tanh" (pass gelu="erf" to reload a file that save_official wrote from an
     erf model) and minivit's LayerNorm uses eps 1e-6 throughout.  Dropout rates are not
@@ -350,8 +449,10 @@ def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFIC
     keep_pre_logits=True the pre-logits layer stays and the new head reads its output.
     image_size different from the checkpoint's: the position embeddings are resized to the
     new patch grid (resize_position_embedding).  Images must then be image_size square.
+    dtype: the model's parameters ("float32", as the released files are; "float64" loads a
+    float64 file exactly, e.g. to compare with another implementation).
     """
-    arrays = _read_npz(path)
+    arrays = _squeeze_group_norms(_read_npz(path))
     try:
         found = config_from_official(arrays, image_size=image_size, gelu=gelu,
                                      dropout=dropout, attention_dropout=attention_dropout)
@@ -363,7 +464,7 @@ def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFIC
         config = replace(config, image_size=image_size)
         if config.pos_embed == "learned":
             state["pos_embed"] = resize_position_embedding(
-                state["pos_embed"], image_size // config.patch_size, config.classifier == "token")
+                state["pos_embed"], config.grid_size, config.classifier == "token")
     if num_classes is not None and num_classes != found.num_classes:
         if found.representation_size and not keep_pre_logits:
             config = replace(config, representation_size=None)
@@ -374,6 +475,8 @@ def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFIC
         state["head.weight"] = np.zeros((width, num_classes), dtype="float32")
         state["head.bias"] = np.zeros((num_classes,), dtype="float32")
     model = VisionTransformer(config, seed=seed)
+    if dtype != "float32":
+        model.astype(dtype)
     model.load_state_dict(state)
     return model
 

@@ -29,6 +29,22 @@ writes out with explicit formulas (the reference every loaded model must match):
     LN(x) = (x - mean) / sqrt(var + 1e-6) * scale + bias,
     GELU_tanh(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (Flax's nn.gelu).
 
+Hybrids (Sec. 3.1).  A ResNet stem of width w runs first, its arrays at the top level of
+the file (models_vit.py names them conv_root, gn_root, block{i}/unit{j}/...; older files
+store GroupNorm scale/bias as (1, 1, 1, n)), and the embedding reads its feature map.  On
+NHWC x, as Flax computes it:
+
+    StdConv(x, K, S)[r, s] = sum_{i,j} x[S r + i - top, S s + j - left] W[i, j]   (0 outside),
+        W = (K - mean(K)) / (std(K) + 1e-5) over (kh, kw, c_in), per output channel,
+        top = p // 2, p = max((ceil(H/S) - 1) S + kh - H, 0)  (TensorFlow's "SAME"; left alike)
+    GN(x) = (x - mean) / sqrt(var + 1e-6) * scale + bias, mean and var over (h, w) and the
+        channels of each of 32 groups of consecutive channels
+    root:  maxpool_3x3/2,SAME(ReLU(GN(StdConv(x, conv_root, 2))))   (pool padding never wins)
+    unit:  ReLU(r + GN3(StdConv(ReLU(GN2(StdConv(ReLU(GN1(StdConv(x, conv1, 1))), conv2, S))),
+                                conv3, 1))),  r = x or GN_proj(StdConv(x, conv_proj, S))
+
+`official_resnet` below writes this with explicit loops over the output grid.
+
 The resize.  To fine-tune at another resolution the official code keeps the [CLS] row and
 zooms the g x g grid of patch embeddings with scipy.ndimage.zoom(order=1).  With the
 default grid_mode=False scipy aligns the corners: output index i reads the input at
@@ -98,10 +114,82 @@ def softmax(s):
     return e / e.sum(-1, keepdims=True)
 
 
+def std_conv(x, kernel, stride):
+    """Flax's StdConv, padding "SAME", on NHWC x: one output pixel at a time."""
+    w = kernel - kernel.mean(axis=(0, 1, 2))
+    w = w / (w.std(axis=(0, 1, 2)) + 1e-5)
+    kh, kw = w.shape[:2]
+    B, H, W, _ = x.shape
+    oh, ow = -(-H // stride), -(-W // stride)
+    top = max((oh - 1) * stride + kh - H, 0) // 2
+    left = max((ow - 1) * stride + kw - W, 0) // 2
+    y = np.zeros((B, oh, ow, w.shape[3]))
+    for r in range(oh):
+        for s in range(ow):
+            for i in range(kh):
+                for j in range(kw):
+                    h, v = stride * r + i - top, stride * s + j - left
+                    if 0 <= h < H and 0 <= v < W:
+                        y[:, r, s] += x[:, h, v] @ w[i, j]
+    return y
+
+
+def group_norm(x, scale, bias, groups=32):
+    """Flax's GroupNorm on NHWC x; scale and bias (C,) or the older (1, 1, 1, C)."""
+    B, H, W, C = x.shape
+    g = x.reshape(B, H, W, groups, C // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+    return ((g - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+
+
+def max_pool(x):
+    """nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME"): the largest pixel of each
+    window, the padding (top/left p // 2) taking no part."""
+    B, H, W, C = x.shape
+    oh, ow = -(-H // 2), -(-W // 2)
+    top, left = max((oh - 1) * 2 + 3 - H, 0) // 2, max((ow - 1) * 2 + 3 - W, 0) // 2
+    y = np.zeros((B, oh, ow, C))
+    for r in range(oh):
+        for s in range(ow):
+            rows = slice(max(2 * r - top, 0), 2 * r - top + 3)
+            cols = slice(max(2 * s - left, 0), 2 * s - left + 3)
+            y[:, r, s] = x[:, rows, cols].max(axis=(1, 2))
+    return y
+
+
+def official_resnet(a, x):
+    """The hybrid's stem, from the raw arrays, on NHWC x."""
+    relu = lambda t: np.maximum(t, 0)                                   # noqa: E731
+    x = max_pool(relu(group_norm(std_conv(x, a["conv_root/kernel"], 2),
+                                 a["gn_root/scale"], a["gn_root/bias"])))
+    i = 1
+    while f"block{i}/unit1/conv1/kernel" in a:
+        j = 1
+        while f"block{i}/unit{j}/conv1/kernel" in a:
+            u = f"block{i}/unit{j}/"
+            stride = 2 if i > 1 and j == 1 else 1
+
+            def gn(name, t, u=u):
+                return group_norm(t, a[u + name + "/scale"], a[u + name + "/bias"])
+            residual = x
+            if u + "conv_proj/kernel" in a:
+                residual = gn("gn_proj", std_conv(x, a[u + "conv_proj/kernel"], stride))
+            y = relu(gn("gn1", std_conv(x, a[u + "conv1/kernel"], 1)))
+            y = relu(gn("gn2", std_conv(y, a[u + "conv2/kernel"], stride)))
+            y = gn("gn3", std_conv(y, a[u + "conv3/kernel"], 1))
+            x = relu(residual + y)
+            j += 1
+        i += 1
+    return x
+
+
 def official_forward(arrays, images_nchw):
     """The official model's logits, in float64, from the raw official arrays."""
     a = {k: v.astype(np.float64) for k, v in arrays.items()}
     x = images_nchw.transpose(0, 2, 3, 1).astype(np.float64)        # NHWC, as Flax reads it
+    if "conv_root/kernel" in a:                                        # a hybrid
+        x = official_resnet(a, x)
     B, H, W, _ = x.shape
     K = a["embedding/kernel"]
     p = K.shape[0]
@@ -373,12 +461,17 @@ def test_missing_extra_and_misshapen_keys_are_all_listed_in_one_error(tmp_path):
         assert text in message, text
 
 
-def test_hybrid_checkpoints_are_refused(tmp_path):
+def test_an_incomplete_hybrid_lists_what_is_missing(tmp_path):
     arrays = official_arrays(np.random.default_rng(0))
     arrays["conv_root/kernel"] = np.zeros((7, 7, 3, 64), np.float32)
     arrays["block1/unit1/conv1/kernel"] = np.zeros((1, 1, 64, 64), np.float32)
-    with pytest.raises(ValueError, match=r"hybrid \(ResNet \+ ViT\) checkpoints are not supported yet"):
+    with pytest.raises(ValueError) as info:
         official.load_official(write(tmp_path / "r50.npz", arrays))
+    message = str(info.value)
+    for text in ("read as a ResNet stem (1,) of width_factor 1.0", "missing keys",
+                 "'gn_root/scale'", "'block1/unit1/conv2/kernel'", "'block1/unit1/gn_proj/bias'",
+                 "embedding/kernel: (4, 4, 3, 8), expected (4, 4, 256, 8)"):
+        assert text in message, text
 
 
 def test_files_that_are_not_official_checkpoints_are_refused(tmp_path):
@@ -419,3 +512,115 @@ def test_without_position_embeddings_the_image_size_must_be_given(tmp_path, devi
     x = images(2, 12)
     np.testing.assert_allclose(logits(model, x, device), official_forward(arrays, x),
                                rtol=1e-4, atol=1e-5)
+
+
+# --- hybrids: a ResNet stem before the embedding (Sec. 3.1) -----------------------------
+
+def hybrid_arrays(rng, layers=(), width=32, image=16, patch=1, token=True, old_gn=False,
+                  dtype=np.float32):
+    """Random arrays in the official naming for a tiny hybrid: the ViT of official_arrays
+    on the feature map of a ResNet stem with `layers` units per stage."""
+    def r(*shape, scale=0.3):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+    size = -(-image // 4)                                      # the root: conv /2, pool /2
+    a = {"conv_root/kernel": r(7, 7, C, width)}
+    gns = {"gn_root": width}
+    channels = width
+    for i, units in enumerate(layers):
+        f = width * 2 ** i
+        size = size if i == 0 else -(-size // 2)
+        for j in range(units):
+            u = f"block{i + 1}/unit{j + 1}/"
+            a.update({u + "conv1/kernel": r(1, 1, channels, f), u + "conv2/kernel": r(3, 3, f, f),
+                      u + "conv3/kernel": r(1, 1, f, 4 * f)})
+            gns.update({u + "gn1": f, u + "gn2": f, u + "gn3": 4 * f})
+            if j == 0:                              # the first unit changes the channels
+                a[u + "conv_proj/kernel"] = r(1, 1, channels, 4 * f)
+                gns[u + "gn_proj"] = 4 * f
+            channels = 4 * f
+    for name, n in gns.items():
+        shape = (1, 1, 1, n) if old_gn else (n,)
+        a[name + "/scale"] = (1 + r(n)).reshape(shape)
+        a[name + "/bias"] = r(n).reshape(shape)
+    vit = {k: v.astype(dtype) for k, v in official_arrays(rng, token=token).items()}
+    vit["embedding/kernel"] = r(patch, patch, channels, D)
+    vit[POS] = r(1, (size // patch) ** 2 + token, D)
+    return {**a, **vit}
+
+
+HYBRIDS = {"root alone, 2x2 patches": dict(layers=(), patch=2),
+           "two stages, 1x1 patches": dict(layers=(1, 2), patch=1),
+           "gap, three stages": dict(layers=(1, 1, 1), image=32, token=False),
+           "older GroupNorm shapes": dict(layers=(1,), old_gn=True)}
+
+
+@pytest.mark.parametrize("case", HYBRIDS)
+def test_loaded_hybrid_matches_the_official_forward(case, tmp_path, device):
+    spec = HYBRIDS[case]
+    arrays = hybrid_arrays(np.random.default_rng(0), **spec)
+    model = official.load_official(write(tmp_path / "hybrid.npz", arrays))
+    c = model.config
+    # the image size from the position embeddings: grid x P x the stem's downsampling
+    assert (c.resnet_layers, c.width_factor, c.in_channels, c.image_size, c.patch_size) == \
+        (spec["layers"], 0.5, C, spec.get("image", 16), spec.get("patch", 1))
+    x = images(2, c.image_size)
+    np.testing.assert_allclose(logits(model, x, device), official_forward(arrays, x),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_a_float64_file_loads_exactly(hybrid, tmp_path, device):
+    """dtype="float64": every array is kept to the last bit, so the logits equal the
+    official forward computed from the raw arrays up to float64 rounding."""
+    rng = np.random.default_rng(0)
+    arrays = (hybrid_arrays(rng, layers=(1, 1), dtype=np.float64) if hybrid
+              else {k: v.astype(np.float64) for k, v in official_arrays(rng).items()})
+    model = official.load_official(write(tmp_path / "f64.npz", arrays), dtype="float64")
+    assert all(p.dtype == np.float64 for p in model.parameters())
+    state = model.state_dict()
+    np.testing.assert_array_equal(state["patch_embed.kernel"],
+                                  arrays["embedding/kernel"].reshape(-1, D))
+    if hybrid:
+        np.testing.assert_array_equal(state["resnet.stages.1.units.0.conv_proj.kernel"],
+                                      arrays["block2/unit1/conv_proj/kernel"])
+    x = np.random.default_rng(1).standard_normal((2, C, model.config.image_size,
+                                                  model.config.image_size))
+    np.testing.assert_allclose(logits(model, x, device), official_forward(arrays, x),
+                               rtol=1e-11, atol=1e-12)
+
+
+def test_released_files_load_as_float32_by_default(tmp_path):
+    arrays = hybrid_arrays(np.random.default_rng(0), dtype=np.float64)
+    model = official.load_official(write(tmp_path / "f64.npz", arrays))
+    assert all(p.dtype == np.float32 for p in model.parameters())
+
+
+def test_save_then_load_a_hybrid_gives_identical_logits(tmp_path, device):
+    config = ViTConfig(image_size=16, patch_size=1, num_classes=4, hidden_size=D, depth=DEPTH,
+                       num_heads=HEADS, mlp_dim=M, gelu="tanh", resnet_layers=(1, 1),
+                       width_factor=0.5)
+    model = perturbed(config).to(device)
+    path = official.save_official(model, tmp_path / "hybrid.npz")
+    with np.load(path) as data:
+        arrays = dict(data)
+    assert arrays["conv_root/kernel"].shape == (7, 7, C, 32)
+    assert arrays["block2/unit1/conv_proj/kernel"].shape == (1, 1, 128, 256)
+    assert "block1/unit1/conv_proj/kernel" in arrays and "block2/unit2/conv1/kernel" not in arrays
+    loaded = official.load_official(path)
+    assert loaded.config == config
+    x = images(2, 16)
+    np.testing.assert_array_equal(logits(loaded, x, device), logits(model, x, device))
+    np.testing.assert_allclose(official_forward(arrays, x), logits(model, x, device),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_hybrid_fine_tuning_start(tmp_path, device):
+    """A new head and a new image size: the position embeddings are resized over the
+    grid of the feature map (16 px: 4 x 4 after the root, 32 px: 8 x 8)."""
+    arrays = hybrid_arrays(np.random.default_rng(0), layers=(), patch=1)
+    model = official.load_official(write(tmp_path / "r.npz", arrays), num_classes=7,
+                                   image_size=32)
+    assert model.config.grid_size == 8 and model.pos_embed.shape == (1, 65, D)
+    np.testing.assert_array_equal(model.pos_embed.numpy(),
+                                  official.resize_position_embedding(arrays[POS], 8, True))
+    assert logits(model, images(2, 32), device).shape == (2, 7)

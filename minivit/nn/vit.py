@@ -12,6 +12,10 @@ position 0, learned 1D position embeddings ~ N(0, 0.02^2), dropout after the
 embeddings, after attention and inside the MLP, and the final LayerNorm applied to
 every token.  With classifier="gap" there is no [CLS] token: the head reads the mean
 of the N patch outputs (the paper's Appendix D.3).
+
+The hybrid (Sec. 3.1, "Hybrid Architecture"; resnet_layers not None) runs a ResNet stem
+(nn/resnet.py) first and embeds patches of its feature map instead of the image's; the
+rest of the model is unchanged.
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +24,8 @@ from minivit import backend
 from minivit.nn.layers import (GELU, Dropout, LayerNorm, Linear, RandomSource, host_generator,
                                normal, param, zeros)
 from minivit.nn.module import Module, Parameter
+from minivit.nn.resnet import (GROUPS, ResNetStem, count_stem_parameters, feature_size,
+                               resnet_width, stem_channels)
 from minivit.ops.activation import GELU_APPROXIMATIONS
 from minivit.ops.attention import attention, merge_heads, split_heads
 from minivit.ops.basic import broadcast_to, concatenate, tanh
@@ -46,12 +52,30 @@ class ViTConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     gelu: str = "erf"               # "erf" (exact) or "tanh" (the official code's)
+    resnet_layers: tuple = None     # None: pure ViT; a tuple: the hybrid's ResNet stages
+                                    # (units per stage; () for the root block alone)
+    width_factor: float = 1.0       # the ResNet's width is int(64 * width_factor)
 
     def __post_init__(self):
         def fail(what):
             raise ValueError(f"ViTConfig: {what}")
-        if self.image_size % self.patch_size:
-            fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.resnet_layers is not None:             # a list (e.g. from JSON) -> tuple
+            layers = self.resnet_layers
+            if (not isinstance(layers, (tuple, list)) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in layers)):
+                fail(f"resnet_layers must be None (a pure ViT) or a tuple of unit counts >= 1 "
+                     f"(() for the root block alone), got {layers!r}")
+            object.__setattr__(self, "resnet_layers", tuple(layers))
+            width = resnet_width(self.width_factor)
+            if width < GROUPS or width % GROUPS:
+                fail(f"the ResNet width int(64 * width_factor) = {width} must be a positive "
+                     f"multiple of the {GROUPS} GroupNorm groups (width_factor "
+                     f"{self.width_factor})")
+        if self.feature_size % self.patch_size:
+            what = (f"image_size {self.image_size}" if self.resnet_layers is None else
+                    f"the ResNet's {self.feature_size}x{self.feature_size} feature map (from "
+                    f"{self.image_size} px images)")
+            fail(f"{what} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             fail(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.classifier not in CLASSIFIERS:
@@ -65,8 +89,32 @@ class ViTConfig:
             fail(f"gelu must be one of {GELU_APPROXIMATIONS}, got {self.gelu!r}")
 
     @property
+    def hybrid(self):
+        return self.resnet_layers is not None
+
+    @property
+    def feature_size(self):
+        """Side of what the patch embedding cuts into patches: the image, or the hybrid's
+        feature map (image_size / 4 for the root alone, / 16 for R50's 3 stages, ...)."""
+        if self.resnet_layers is None:
+            return self.image_size
+        return feature_size(self.image_size, self.resnet_layers)
+
+    @property
+    def embed_channels(self):
+        """Channels of what the patch embedding reads: the image's, or the feature map's."""
+        if self.resnet_layers is None:
+            return self.in_channels
+        return stem_channels(resnet_width(self.width_factor), self.resnet_layers)
+
+    @property
+    def grid_size(self):
+        """Patches per side: sqrt(N)."""
+        return self.feature_size // self.patch_size
+
+    @property
     def num_patches(self):
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size ** 2
 
     @property
     def num_tokens(self):
@@ -91,6 +139,19 @@ PRESETS = {
     "cifar-tiny": _model(64, 4, 4, 128, 4, image_size=32, num_classes=10),
     "cifar-small": _model(192, 6, 3, 384, 4, image_size=32, num_classes=10),
     "cifar-base": _model(384, 7, 12, 384 * 3, 4, image_size=32, num_classes=10),
+    # The hybrids of the official repository (Sec. 3.1): ResNet stages, then 1x1 patches of
+    # the feature map (8x8 for R+Ti/16, whose stem is the root alone: at 224 px its 56x56
+    # map gives 7x7 tokens, as a /32 model, despite the name).
+    "R50+B/16": _model(768, 12, 12, 3072, 1, resnet_layers=(3, 4, 9)),
+    "R26+S/32": _model(384, 12, 6, 1536, 1, resnet_layers=(2, 2, 2, 2)),
+    "R26+B/32": _model(768, 12, 12, 3072, 1, resnet_layers=(2, 2, 2, 2)),
+    "R50+L/32": _model(1024, 24, 16, 4096, 1, resnet_layers=(3, 4, 6, 3)),
+    "R+Ti/16": _model(192, 12, 3, 768, 8, resnet_layers=()),
+    # CIFAR: the root block alone at width 32 turns 32x32 images into an 8x8 feature map;
+    # its 1x1 patches are 64 tokens, as many as cifar-tiny's 4x4 patches, for the same
+    # encoder as cifar-tiny.
+    "cifar-hybrid": _model(64, 4, 4, 128, 1, image_size=32, num_classes=10, resnet_layers=(),
+                           width_factor=0.5),
 }
 
 
@@ -105,7 +166,10 @@ def count_parameters(config):
     """The number of learned parameters of a config, from its shapes alone (nothing allocated)."""
     c = config
     D, M, P = c.hidden_size, c.mlp_dim, c.patch_size
-    embed = P * P * c.in_channels * D + D                     # E and its bias
+    embed = P * P * c.embed_channels * D + D                  # E and its bias
+    if c.hybrid:                                              # the ResNet stem
+        embed += count_stem_parameters(c.in_channels, resnet_width(c.width_factor),
+                                       c.resnet_layers)
     cls = D if c.classifier == "token" else 0
     pos = c.num_tokens * D if c.pos_embed == "learned" else 0
     block = (2 * D                                            # LN before MSA
@@ -229,9 +293,13 @@ class VisionTransformer(Module):
             config = replace(config, **fields)
         self.config = c = config
         rng, self.random_source = host_generator(seed), RandomSource(seed)
-        grid = c.image_size // c.patch_size
+        grid = c.grid_size
 
-        self.patch_embed = PatchEmbedding(c.patch_size, c.in_channels, c.hidden_size, rng)
+        self.resnet = None                                 # the hybrid's stem (Sec. 3.1)
+        if c.hybrid:
+            self.resnet = ResNetStem(c.in_channels, resnet_width(c.width_factor),
+                                     c.resnet_layers, rng)
+        self.patch_embed = PatchEmbedding(c.patch_size, c.embed_channels, c.hidden_size, rng)
         self.cls_token = param(zeros((1, 1, c.hidden_size))) if c.classifier == "token" else None
         self.pos_embed = None
         if c.pos_embed == "learned":
@@ -252,12 +320,14 @@ class VisionTransformer(Module):
                            init="zeros")
 
     def embed(self, images):
-        """z_0 of Eq. 1: patch embeddings, the [CLS] token in front, plus E_pos."""
+        """z_0 of Eq. 1: patch embeddings, the [CLS] token in front, plus E_pos.  A hybrid
+        embeds patches of its ResNet's feature map instead of the image's."""
         c = self.config
         if images.ndim != 4 or images.shape[1:] != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"VisionTransformer expects images of shape (B, {c.in_channels}, "
                              f"{c.image_size}, {c.image_size}), got {tuple(images.shape)}")
-        z = self.patch_embed(images)                                     # (B, N, D)
+        x = images if self.resnet is None else self.resnet(images)       # (B, C', h, w)
+        z = self.patch_embed(x)                                          # (B, N, D)
         if self.cls_token is not None:
             cls = broadcast_to(self.cls_token, (z.shape[0], 1, c.hidden_size))
             z = concatenate([cls, z], axis=1)                            # (B, N+1, D)

@@ -60,3 +60,67 @@ def layer_norm(x, gamma, beta, eps=1e-6):
     """LayerNorm over the last axis of x: gamma * (x - mean) / sqrt(var + eps) + beta,
     with gamma and beta of shape (D,) for x of shape (..., D)."""
     return LayerNorm(eps)(x, gamma, beta)
+
+
+class GroupNorm(Function):
+    """GroupNorm (Wu & He 2018), the normalisation of the hybrid's ResNet stem (Sec. 3.1).
+
+    Forward, for an image x (C, H, W) whose C channels form G groups of C/G consecutive
+    channels: every group is one vector of n = (C/G) H W values, normalised like a
+    LayerNorm vector (mu, sigma = sqrt(var + eps), x_hat = (x - mu) / sigma over the
+    group), then each channel c is scaled and shifted:  y = gamma_c * x_hat + beta_c.
+    (G = 32 and eps = 1e-6 are Flax's defaults, which the official hybrid uses.)
+
+    Backward.  Within a group this is LayerNorm's derivation with D -> n, except that
+    gamma varies across the group's channels; it enters only through g = dy * gamma =
+    dL/dx_hat, so the same formula holds with that g:
+        dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma      (means over the group),
+    and gamma, beta are shared by all images and pixels of a channel:
+        dgamma_c = sum over (b, h, w) of dy * x_hat,   dbeta_c = sum over (b, h, w) of dy.
+    """
+
+    def __init__(self, num_groups=32, eps=1e-6):
+        self.num_groups, self.eps = num_groups, eps
+
+    def forward(self, x, gamma, beta):
+        G = self.num_groups
+        if x.ndim < 2:
+            raise ValueError(f"group_norm expects x of shape (B, C, ...) with channels on axis "
+                             f"1, got shape {tuple(x.shape)}")
+        C = x.shape[1]
+        if C % G:
+            raise ValueError(f"group_norm: the {C} channels of x (shape {tuple(x.shape)}) do "
+                             f"not split into {G} groups")
+        for name, p in (("gamma", gamma), ("beta", beta)):
+            if tuple(p.shape) != (C,):
+                raise ValueError(f"group_norm: {name} must have shape ({C},), one value per "
+                                 f"channel of x (shape {tuple(x.shape)}), got {tuple(p.shape)}")
+        xp = array_module(x)
+        self.x_shape = x.shape
+        self.channel = (1, C) + (1,) * (x.ndim - 2)          # gamma as (1, C, 1, 1)
+        groups = x.reshape(x.shape[0], G, -1)                 # (B, G, n): a group per row
+        centred = groups - groups.mean(axis=-1, keepdims=True)
+        var = (centred * centred).mean(axis=-1, keepdims=True)
+        self.inv_sigma = 1 / xp.sqrt(var + self.eps)
+        self.x_hat = (centred * self.inv_sigma).reshape(x.shape)
+        self.gamma = gamma
+        self.dtypes = x.dtype, gamma.dtype, beta.dtype
+        return self.x_hat * gamma.reshape(self.channel) + beta.reshape(self.channel)
+
+    def backward(self, dy):
+        B, G = self.x_shape[0], self.num_groups
+        x_hat = self.x_hat.reshape(B, G, -1)
+        g = (dy * self.gamma.reshape(self.channel)).reshape(B, G, -1)
+        dx = (g - g.mean(axis=-1, keepdims=True)
+              - x_hat * (g * x_hat).mean(axis=-1, keepdims=True)) * self.inv_sigma
+        over = (0,) + tuple(range(2, dy.ndim))                # every axis but the channel
+        dgamma = (dy * self.x_hat).sum(axis=over)
+        dbeta = dy.sum(axis=over)
+        return tuple(grad.astype(dtype, copy=False) for grad, dtype in
+                     zip((dx.reshape(self.x_shape), dgamma, dbeta), self.dtypes))
+
+
+def group_norm(x, gamma, beta, num_groups=32, eps=1e-6):
+    """GroupNorm of x (B, C, ...) over groups of C / num_groups consecutive channels and
+    all positions, then gamma_c * x_hat + beta_c with gamma, beta of shape (C,)."""
+    return GroupNorm(num_groups, eps)(x, gamma, beta)

@@ -17,6 +17,10 @@ per output position (row-major over the output grid), and within a row the value
 the order (row in kernel, column in kernel, channel), channel fastest.  That is the
 memory order of an HWIO kernel (KH, KW, C_in, C_out), so such a kernel -- and an
 official ViT checkpoint's embedding kernel -- reshapes to (KH*KW*C_in, C_out) as is.
+
+Padding.  `padding` is an int or a pair (zeros on both sides), "VALID" (none), "SAME"
+(TensorFlow's: ceil(H / S) outputs, the padding split with the odd row at the end, see
+same_padding; the hybrid's ResNet stem uses it) or ((top, bottom), (left, right)).
 """
 from minivit import backend
 from minivit.autograd import Function, as_tensor
@@ -32,32 +36,72 @@ def _pair(value, name):
     return tuple(pair)
 
 
+def same_padding(size, kernel, stride):
+    """(before, after): TensorFlow's 'SAME' padding of one axis of `size` pixels.
+
+    'SAME' keeps OH = ceil(size / stride) outputs; the windows then span
+    (OH - 1) * stride + kernel pixels, so p = max((OH - 1) * stride + kernel - size, 0)
+    zeros are added, p // 2 before and the rest after (the odd one goes at the end):
+    a 7x7 stride-2 convolution of 224 pixels pads (2, 3), a 3x3 stride-2 pool of 112
+    pads (0, 1).  This asymmetry is TensorFlow's and Flax's, not PyTorch's.
+    """
+    out = -(-size // stride)                         # ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _padding(padding, image_hw, kernel, stride):
+    """Any padding option as ((top, bottom), (left, right)).
+
+    An int p or a pair (ph, pw): that many zeros on both sides; "VALID": none; "SAME":
+    TensorFlow's (same_padding, per axis); ((top, bottom), (left, right)): as given.
+    """
+    if isinstance(padding, str):
+        if padding.upper() == "VALID":
+            return (0, 0), (0, 0)
+        if padding.upper() == "SAME":
+            return tuple(same_padding(n, k, s) for n, k, s in zip(image_hw, kernel, stride))
+        raise ValueError(f"padding must be an int, a pair, 'SAME' or 'VALID', got {padding!r}")
+    if (isinstance(padding, (tuple, list)) and len(padding) == 2
+            and all(isinstance(p, (tuple, list)) for p in padding)):
+        pads = tuple(_pair(p, "padding") for p in padding)
+    else:
+        ph, pw = _pair(padding, "padding")
+        pads = (ph, ph), (pw, pw)
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return pads
+
+
 def _geometry(image_shape, kernel, stride, padding):
     """Check the options against an image shape (B, C, H, W) and return
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow), the output grid being
-    OH = (H + 2 PH - KH) // SH + 1 and likewise OW."""
+    (kh, kw), (sh, sw), ((top, bottom), (left, right)), (oh, ow), the output grid being
+    OH = (H + top + bottom - KH) // SH + 1 and likewise OW."""
     (kh, kw), (sh, sw) = _pair(kernel, "kernel"), _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"kernel and stride must be >= 1 and padding >= 0, got kernel "
-                         f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
+    if min(kh, kw, sh, sw) < 1:
+        raise ValueError(f"kernel and stride must be >= 1, got kernel {(kh, kw)}, "
+                         f"stride {(sh, sw)}")
     if len(image_shape) != 4:
         raise ValueError(f"expected an image batch of shape (B, C, H, W), got shape "
                          f"{tuple(image_shape)}")
     H, W = image_shape[2], image_shape[3]
-    if H + 2 * ph < kh or W + 2 * pw < kw:
+    (pt, pb), (pl, pr) = pads = _padding(padding, (H, W), (kh, kw), (sh, sw))
+    if H + pt + pb < kh or W + pl + pr < kw:
         raise ValueError(f"kernel {(kh, kw)} is larger than the padded image "
-                         f"{(H + 2 * ph, W + 2 * pw)} (H={H}, W={W}, padding {(ph, pw)})")
-    oh, ow = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    return (kh, kw), (sh, sw), (ph, pw), (oh, ow)
+                         f"{(H + pt + pb, W + pl + pr)} (H={H}, W={W}, padding {pads})")
+    oh, ow = (H + pt + pb - kh) // sh + 1, (W + pl + pr - kw) // sw + 1
+    return (kh, kw), (sh, sw), pads, (oh, ow)
 
 
-def _im2col_array(x, kernel, stride, padding):
-    """im2col on a raw array: one strided slice per kernel offset (i, j)."""
+def _im2col_array(x, kernel, stride, padding, fill=0):
+    """im2col on a raw array: one strided slice per kernel offset (i, j).  The padding
+    holds `fill` (0 for a convolution, -inf for max pooling)."""
     xp = backend.array_module(x)
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = _geometry(x.shape, kernel, stride, padding)
+    (kh, kw), (sh, sw), (top_bottom, left_right), (oh, ow) = _geometry(x.shape, kernel, stride,
+                                                                       padding)
     B, C = x.shape[:2]
-    x = xp.pad(x.transpose(0, 2, 3, 1), ((0, 0), (ph, ph), (pw, pw), (0, 0)))   # (B,Hp,Wp,C)
+    x = xp.pad(x.transpose(0, 2, 3, 1), ((0, 0), top_bottom, left_right, (0, 0)),
+               constant_values=fill)                                          # (B,Hp,Wp,C)
     cols = xp.empty((B, oh, ow, kh, kw, C), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -69,28 +113,30 @@ def _im2col_array(x, kernel, stride, padding):
 def _col2im_array(cols, image_shape, kernel, stride, padding):
     """col2im on a raw array: add each kernel offset's values back where they came from."""
     xp = backend.array_module(cols)
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = _geometry(image_shape, kernel, stride, padding)
+    (kh, kw), (sh, sw), pads, (oh, ow) = _geometry(image_shape, kernel, stride, padding)
+    (pt, pb), (pl, pr) = pads
     B, C, H, W = image_shape
     expected = (B, oh * ow, kh * kw * C)
     if tuple(cols.shape) != expected:
         raise ValueError(f"col2im: columns for images {tuple(image_shape)} with kernel "
-                         f"{(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)} have shape "
+                         f"{(kh, kw)}, stride {(sh, sw)}, padding {pads} have shape "
                          f"{expected}, got {tuple(cols.shape)}")
     cols = cols.reshape(B, oh, ow, kh, kw, C)
-    x = xp.zeros((B, H + 2 * ph, W + 2 * pw, C), dtype=cols.dtype)
+    x = xp.zeros((B, H + pt + pb, W + pl + pr, C), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
             # one offset touches each pixel at most once, so a slice-add is exact;
             # windows overlap across offsets, and those contributions add up here
             x[:, i:i + sh * oh:sh, j:j + sw * ow:sw, :] += cols[:, :, :, i, j, :]
-    return x[:, ph:ph + H, pw:pw + W, :].transpose(0, 3, 1, 2)       # drop padding, NCHW
+    return x[:, pt:pt + H, pl:pl + W, :].transpose(0, 3, 1, 2)       # drop padding, NCHW
 
 
 class Im2Col(Function):
     """cols[b, (r, s), (i, j, c)] = x_pad[b, c, SH*r + i, SW*s + j].
 
-    x_pad is x with PH (PW) zero rows (columns) on each side; (r, s) runs over the
-    OH x OW output grid and (i, j, c) over the kernel window, channel fastest.
+    x_pad is x with PH zero rows on top (and some, maybe another number, below) and PW
+    zero columns on the left (and some on the right); (r, s) runs over the OH x OW output
+    grid and (i, j, c) over the kernel window, channel fastest.
 
     Backward.  Every entry of cols is a copy of one entry of x_pad, so cols = A x for a
     0/1 selection matrix A, and dx = A^T g.  Row (x-entry) (b, c, h, w) of A^T has a 1
@@ -199,7 +245,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
         y[b, d, r, s] = sum_{i, j, c} x_pad[b, c, SH*r + i, SW*s + j] weight[i, j, c, d] + bias[d]
 
     x: (B, C_in, H, W); weight: (KH, KW, C_in, C_out), the Flax/HWIO layout of the
-    official ViT code; bias: (C_out,) or None.  Returns (B, C_out, OH, OW).
+    official ViT code; bias: (C_out,) or None; padding: an int, a pair, "SAME", "VALID"
+    or ((top, bottom), (left, right)) (see the module's docstring).  Returns
+    (B, C_out, OH, OW).
     The sum over (i, j, c) is a row of im2col(x) times a column of the kernel reshaped
     to (KH*KW*C_in, C_out), so the whole convolution is one matrix product.  It is built
     from differentiable ops, so its backward comes from theirs: dcols = g W^T is
@@ -212,7 +260,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
                          f"and weight {tuple(weight.shape)}")
     kh, kw, c_in, c_out = weight.shape
     oh, ow = _geometry(x.shape, (kh, kw), stride, padding)[3]
-    y = matmul(im2col(x, (kh, kw), stride, padding), reshape(weight, (kh * kw * c_in, c_out)))
+    cols = im2col(x, (kh, kw), stride, padding)          # (B, OH*OW, KH*KW*C_in)
+    # the windows of all images as the rows of one matrix: a single matrix product
+    # (a batch of B small ones is slower, and far slower when BLAS threads compete)
+    y = matmul(reshape(cols, (-1, kh * kw * c_in)), reshape(weight, (kh * kw * c_in, c_out)))
+    y = reshape(y, (x.shape[0], oh * ow, c_out))
     if bias is not None:
         bias = as_tensor(bias)
         if tuple(bias.shape) != (c_out,):
@@ -235,5 +287,6 @@ def patch_embed(x, E, b, patch_size):
     if E.ndim != 2 or E.shape[0] != patches.shape[2]:
         raise ValueError(f"patch_embed: E must have shape (P*P*C, D) = ({patches.shape[2]}, D) "
                          f"for P={patch_size} and C={x.shape[1]}, got {tuple(E.shape)}")
-    y = matmul(patches, E)
+    B, N, K = patches.shape
+    y = reshape(matmul(reshape(patches, (B * N, K)), E), (B, N, E.shape[1]))   # one product
     return y if b is None else y + b
