@@ -256,3 +256,16 @@ def test_a_gpu_training_step_stays_within_its_host_budget(train_cifar, cifar_dir
     assert len(steps) == 4                                   # 40 images, batches of 8
     for step in steps:
         assert step["reads"] <= 1 and step["copies"] == 0 and step["launches"] <= 1000, steps
+
+
+def test_the_hybrid_recipe_trains_and_resumes(train_cifar, cifar_dir, tmp_path, device):
+    """--preset cpu-hybrid: the convolutional root block in front of cifar-tiny's encoder."""
+    common = ["--preset", "cpu-hybrid", "--data-dir", str(cifar_dir), "--no-download",
+              "--no-progress", "--out", str(tmp_path / "run"), "--batch-size", "16",
+              *backend_flag(device)]
+    train_cifar.main(common + ["--epochs", "1"])
+    final = train_cifar.main(common + ["--resume", "--epochs", "2"])
+    saved = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert final["epoch"] == 2 and saved["settings"]["model"] == "cifar-hybrid"
+    assert list(saved["config"]["resnet_layers"]) == [] and saved["config"]["patch_size"] == 1
+    assert any(name.startswith("resnet.") for name in saved["model"])
