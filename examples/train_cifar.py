@@ -541,6 +541,15 @@ def main(argv=None):
               f"acc {100 * row['test_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
               f"{elapsed / 60:.1f} min", flush=True)
 
+    if world.is_main:                      # what the trained model learned (paper Fig. 7)
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        from visualize import write_model_figures
+        sample = data.normalize(cifar.test_images[::max(1, len(cifar.test_images) // 256)],
+                                mean, std)
+        sample = resize_bilinear(backend.asarray(sample, device=device), model.config.image_size)
+        for path in write_model_figures(model, out / "figures", sample):
+            print(f"figure: {path}")
+
     final = history[-1] if history else None
     if final:
         print(f"final test accuracy: {100 * final['test_acc']:.2f}% after {final['epoch']} epochs "

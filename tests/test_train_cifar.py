@@ -269,3 +269,10 @@ def test_the_hybrid_recipe_trains_and_resumes(train_cifar, cifar_dir, tmp_path, 
     assert final["epoch"] == 2 and saved["settings"]["model"] == "cifar-hybrid"
     assert list(saved["config"]["resnet_layers"]) == [] and saved["config"]["patch_size"] == 1
     assert any(name.startswith("resnet.") for name in saved["model"])
+
+
+def test_a_run_ends_with_the_figures_of_what_the_model_learned(train_cifar, cifar_dir, tmp_path):
+    train_cifar.main(args(cifar_dir, tmp_path / "run", "--epochs", "1"))
+    figures = sorted(p.name for p in (tmp_path / "run" / "figures").glob("*.png"))
+    assert figures == ["attention_distance.png", "embedding_filters.png", "position_embeddings.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (tmp_path / "run" / "figures").iterdir())
