@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt       # noqa: E402
 import numpy as np                    # noqa: E402
 
 import minivit as mv                  # noqa: E402
-from minivit import backend, checkpoint, data  # noqa: E402
+from minivit import backend, checkpoint, cli, data  # noqa: E402
 from minivit.nn import Linear, Module, VisionTransformer  # noqa: E402
 from minivit.nn.layers import host_generator, normal, param, zeros  # noqa: E402
 from minivit.optim import AdamW, clip_grad_norm, warmup_cosine  # noqa: E402
@@ -116,12 +116,6 @@ MODELS = {
 
 # --- the command line ------------------------------------------------------------------------
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -138,13 +132,13 @@ def parse_args(argv=None):
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU")
     p.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=sorted(MODELS),
                    help="the models to compare")
-    p.add_argument("--sizes", nargs="+", type=positive_int, default=[1000, 5000, 10000, 50000],
+    p.add_argument("--sizes", nargs="+", type=cli.positive_int, default=[1000, 5000, 10000, 50000],
                    help="training-set sizes (nested random subsets)")
-    p.add_argument("--steps", type=positive_int, default=500,
+    p.add_argument("--steps", type=cli.positive_int, default=500,
                    help="optimiser steps per run, the same for every size and model")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    p.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--test-subset", type=positive_int,
+    p.add_argument("--test-subset", type=cli.positive_int,
                    help="test on this many test images (a fixed random part; default: all)")
     p.add_argument("--seed", type=int, default=0, help="subsets, initial weights, data order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -243,26 +237,14 @@ def write_results(out, runs, args):
 def main(argv=None):
     """Run every model on every size; returns the list of runs (dicts)."""
     args = parse_args(argv)
-    try:
-        backend.use(args.backend)
-    except backend.BackendError as e:
-        sys.exit(f"error: {e}")
-    device = backend.default_device()
+    device = cli.use_backend(args.backend)
     if device == "cpu":
         backend.keep_host_memory()
-    try:
-        cifar = data.find_or_download(args.data_dir,
-                                      download=not args.no_download and args.data_dir is None)
-    except (FileNotFoundError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+    cifar = cli.find_cifar10(args.data_dir, args.no_download)
     n_train, n_test = len(cifar.train_images), len(cifar.test_images)
     if max(args.sizes) > n_train:
         sys.exit(f"error: --sizes asks for {max(args.sizes):,} training images; there are "
                  f"{n_train:,}")
-    for name, y in (("training", cifar.train_labels), ("test", cifar.test_labels)):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= 10):
-            sys.exit(f"error: the {name} labels must be classes 0-9, found {int(y.min())}.."
-                     f"{int(y.max())}")
     shuffle = np.random.default_rng(args.seed)
     train_order = shuffle.permutation(n_train)                  # subsets: its first n
     test_order = np.sort(shuffle.permutation(n_test)[:args.test_subset or n_test])
@@ -301,4 +283,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.install()
     main()

@@ -38,12 +38,6 @@ from minivit.data import CIFAR10_MEAN, CIFAR10_STD
 Prediction = namedtuple("Prediction", "index name probability")
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -54,12 +48,12 @@ def parse_args(argv=None):
                    help="minivit checkpoint (examples/train_cifar.py) or official ViT .npz")
     p.add_argument("--labels", help="class names, one per line (as many lines as classes); "
                                     "overrides the names in the checkpoint")
-    p.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
+    p.add_argument("--top", type=cli.positive_int, default=5, help="classes to show per image")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
-    p.add_argument("--max-pixels", type=positive_int, default=images.MAX_PIXELS,
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per forward pass")
+    p.add_argument("--max-pixels", type=cli.positive_int, default=images.MAX_PIXELS,
                    help="refuse images with more pixels than this (decoding a huge image can "
                         "exhaust the memory)")
     return p.parse_args(argv)
@@ -159,11 +153,7 @@ def main(argv=None):
     """Classify the images; returns one list of Predictions per image (None where the image
     could not be read), in the order given."""
     args = parse_args(argv)
-    try:
-        backend.use(args.backend)
-    except backend.BackendError as e:
-        sys.exit(f"error: {e}")
-    device = backend.default_device()
+    device = cli.use_backend(args.backend)
 
     model, normalization, names, kind = load_model(args.checkpoint)
     c = model.config

@@ -111,19 +111,8 @@ class Settings:
                       attention_dropout=self.attention_dropout, **fields)
 
 
-def _number(kind, low, low_ok=True, high=None):
-    """An argparse type: a number of `kind` in [low, high) (or (low, ...) if not low_ok)."""
-    def parse(text):
-        value = kind(text)
-        if value < low or (value == low and not low_ok) or (high is not None and value >= high):
-            bounds = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high else "")
-            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
-        return value
-    return parse
-
-
-positive_int, count = _number(int, 1), _number(int, 0)
-non_negative, probability = _number(float, 0.0), _number(float, 0.0, high=1.0)
+positive_int, count, non_negative, probability = (cli.positive_int, cli.count,
+                                                  cli.non_negative, cli.probability)
 
 
 def _recipes_text():
@@ -401,11 +390,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out)
     ckpt_path = out / "checkpoint.npz"
-    try:
-        backend.use(args.backend)
-    except backend.BackendError as e:
-        sys.exit(f"error: {e}")
-    device = backend.default_device()
+    device = cli.use_backend(args.backend)
     if device == "cpu":
         backend.keep_host_memory()
     world = distributed.world()            # several processes under mpiexec, else one
@@ -458,16 +443,7 @@ def main(argv=None):
         check_writable(out)
         checkpoint.remove_stale_temporaries(out)   # left by a run killed mid-write
 
-    try:
-        # a --data-dir is where the data is, not where to download it: a mistyped folder
-        # gives an error rather than a fresh 170 MB download there
-        cifar = data.find_or_download(args.data_dir,
-                                      download=not args.no_download and args.data_dir is None)
-    except (FileNotFoundError, data.DataError) as e:
-        hint = (f" (--data-dir must hold the data; leave it out to find or download CIFAR-10 "
-                f"in the cache folder {data.default_cache_dir()})"
-                if args.data_dir and isinstance(e, FileNotFoundError) else "")
-        sys.exit(f"error: {e}{hint}")
+    cifar = cli.find_cifar10(args.data_dir, args.no_download)
     train_x, train_y = cifar.train_images, cifar.train_labels
     if s.train_subset:
         train_x, train_y = train_x[:s.train_subset], train_y[:s.train_subset]

@@ -38,18 +38,12 @@ matplotlib.use("Agg")                 # figures go to files
 import matplotlib.pyplot as plt       # noqa: E402
 import numpy as np                    # noqa: E402
 
-from minivit import backend, checkpoint, images as image_files, inspection  # noqa: E402
+from minivit import backend, checkpoint, cli, images as image_files, inspection  # noqa: E402
 from minivit.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from minivit.data.resize import resize_bilinear  # noqa: E402
 
 FILTERS = 28                          # Fig. 7 shows the first 28 principal components
 
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv=None):
@@ -64,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="images per forward pass")
     return p.parse_args(argv)
 
 
@@ -257,10 +251,7 @@ def write_model_figures(model, out_dir, images=None, batch_size=16):
 def main(argv=None):
     """Write the figures; returns the paths written."""
     args = parse_args(argv)
-    try:
-        backend.use(args.backend)
-    except backend.BackendError as e:
-        sys.exit(f"error: {e}")
+    cli.use_backend(args.backend)
     model, normalization = load_model(args.checkpoint)
     c = model.config
     if c.in_channels != 3:
@@ -284,4 +275,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.install()
     main()

@@ -26,7 +26,6 @@ import pytest
 import minivit as mv
 from minivit import checkpoint, distributed
 from minivit.nn import VisionTransformer
-from minivit.optim import SGD
 from test_data import write_cifar
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -112,7 +111,6 @@ import numpy as np
 import minivit as mv
 from minivit import distributed
 from minivit.nn import VisionTransformer
-from minivit.optim import SGD
 
 world = distributed.world()
 model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=2,
