@@ -111,6 +111,7 @@ import numpy as np
 import minivit as mv
 from minivit import distributed
 from minivit.nn import VisionTransformer
+from minivit.optim import SGD
 
 world = distributed.world()
 model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=2,
