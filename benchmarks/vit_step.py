@@ -23,8 +23,8 @@ import numpy as np
 import minivit as mv
 from minivit import backend
 from minivit.autograd import Function
-from minivit.ops.attention import ScaledDotProductAttention
-from minivit.ops.basic import MatMul
+from minivit.ops.attention import ScaledDotProductAttention, SelfAttention
+from minivit.ops.basic import Affine, MatMul
 from minivit.optim import SGD
 
 
@@ -69,23 +69,36 @@ def best_time(fn, device, repeat):
 
 
 def record_matmuls(step):
-    """The operands of every matrix product in one step: each MatMul's (a, b), and each
-    attention's (q, k, v), whose forward and backward are batched matmuls too."""
+    """The operands of every matrix product in one step: each MatMul's (a, b) and each
+    Affine's (x, W) (Linear layers), and each attention's (q, k, v), whose forward and
+    backward are batched matmuls too."""
     pairs, triples = [], []
-    matmul_forward, attention_forward = MatMul.forward, ScaledDotProductAttention.forward
+    originals = {cls: cls.forward for cls in (MatMul, Affine, ScaledDotProductAttention,
+                                              SelfAttention)}
 
     def record_matmul(self, a, b):
         pairs.append((a, b))
-        return matmul_forward(self, a, b)
+        return originals[MatMul](self, a, b)
+
+    def record_affine(self, x, w, b=None):
+        pairs.append((x.reshape(-1, w.shape[0]), w))
+        return originals[Affine](self, x, w, b)
 
     def record_attention(self, q, k, v):
         triples.append((q, k, v))
-        return attention_forward(self, q, k, v)
-    MatMul.forward, ScaledDotProductAttention.forward = record_matmul, record_attention
+        return originals[ScaledDotProductAttention](self, q, k, v)
+
+    def record_self_attention(self, qkv):
+        triples.append(tuple(self._heads(qkv, 3)))
+        return originals[SelfAttention](self, qkv)
+    MatMul.forward, Affine.forward = record_matmul, record_affine
+    ScaledDotProductAttention.forward = record_attention
+    SelfAttention.forward = record_self_attention
     try:
         step()
     finally:
-        MatMul.forward, ScaledDotProductAttention.forward = matmul_forward, attention_forward
+        for cls, forward in originals.items():
+            cls.forward = forward
     return pairs, triples
 
 
@@ -106,7 +119,7 @@ def matmul_floor(pairs, triples):
 
 
 def family(cls):
-    if cls is MatMul:
+    if cls in (MatMul, Affine):
         return "matmul"
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 

@@ -23,8 +23,12 @@ Multi-head self-attention runs k heads of width D_h = D/k side by side:
     [q, k, v] = z U_qkv + b,   SA_h = softmax(q_h k_h^T / sqrt(D_h)) v_h,
     MSA(z) = [SA_1; ...; SA_k] U_msa + b_out,
 
-which the library builds from matmul, add, slicing, reshape/transpose (split_heads,
-merge_heads) and the fused attention node, so its gradient follows from theirs.
+which the library builds from matmul, add and the fused self-attention node, which
+reads q, k, v as views of z U_qkv + b and writes their gradients into one array.  It
+equals split_heads, attention and merge_heads composed, which is checked too.  Its
+backward takes the row sum of the softmax step from the output instead of from A:
+since dA' = g v^T,  sum_j dA_ij A_ij = sum_j (g_i . v_j) A'_ij = g_i . out_i
+(FlashAttention's "D" term), a sum over D_v values instead of T_k.
 
 The checks below: the forward against explicit loops over batch, heads and tokens; the
 fused node against the same formula composed from engine primitives (values and
@@ -38,8 +42,9 @@ import numpy as np
 import pytest
 
 import minivit as mv
+from minivit import backend
 from minivit.ops.attention import (ScaledDotProductAttention, attention, merge_heads,
-                                   multi_head_attention, split_heads)
+                                   multi_head_attention, self_attention, split_heads)
 
 
 def t(array, device, requires_grad=True):
@@ -282,6 +287,49 @@ def test_multi_head_attention_matches_loops(device, rng, masked, biased):
     assert out.shape == (2, 5, d) and weights.shape == (2, heads, 5, 5)
     np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(weights.numpy(), want_weights, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (2, 7, 12), (2, 3, 7, 12)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_self_attention_equals_split_attention_merge(device, rng, shape, masked):
+    """self_attention(qkv) is merge_heads(attention(split_heads of q, k, v)) in one node:
+    the same values, weights and gradient of qkv, for any leading axes."""
+    heads, d = 2, shape[-1] // 3
+    qkv_np = rng.standard_normal(shape)
+    g = on(device, rng.standard_normal(shape[:-1] + (d,)))
+    mask = on(device, dropout_mask(shape[:-2] + (heads, 7, 7))) if masked else None
+    fused_in, composed_in = t(qkv_np, device), t(qkv_np, device)
+    fused, fused_weights = self_attention(fused_in, heads, mask, return_weights=True)
+    q, k, v = (split_heads(composed_in[..., s * d:(s + 1) * d], heads) for s in range(3))
+    composed, weights = attention(q, k, v, mask, return_weights=True)
+    composed = merge_heads(composed)
+    fused.backward(g)
+    composed.backward(g)
+    assert fused.shape == composed.shape == shape[:-1] + (d,)
+    np.testing.assert_allclose(fused.numpy(), composed.numpy(), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(fused_weights.numpy(), weights.numpy(), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(backend.to_numpy(fused_in.grad),
+                               backend.to_numpy(composed_in.grad), rtol=1e-12, atol=1e-13)
+    assert not fused_weights.requires_grad
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_self_attention(device, rng, masked):
+    qkv = t(rng.standard_normal((2, 5, 12)), device)
+    mask = on(device, dropout_mask((2, 2, 5, 5))) if masked else None
+    assert mv.gradcheck(lambda qkv: self_attention(qkv, 2, mask), qkv) < 1e-6
+
+
+def test_self_attention_errors(device):
+    with pytest.raises(ValueError, match=r"expects qkv of shape \(..., T, 3D\), got \(2, 5, 10\)"):
+        self_attention(t(np.ones((2, 5, 10)), device), 2)
+    with pytest.raises(ValueError, match="the width D=6 is not divisible by num_heads=4"):
+        self_attention(t(np.ones((2, 5, 18)), device), 4)
+    with pytest.raises(ValueError, match="num_heads must be a positive integer, got 0"):
+        self_attention(t(np.ones((2, 5, 18)), device), 0)
+    with pytest.raises(ValueError, match=r"dropout_mask has shape \(2, 3, 5, 5\), expected "
+                                         r"the attention weights' shape \(2, 2, 5, 5\)"):
+        self_attention(t(np.ones((2, 5, 18)), device), 2, on(device, np.ones((2, 3, 5, 5))))
 
 
 # --- float32 stays float32 ----------------------------------------------------------------

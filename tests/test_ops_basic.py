@@ -267,3 +267,54 @@ def test_numpy_scalar_exponent_keeps_float32(device):
     assert y.dtype == np.float32
     y.sum().backward()
     assert x.grad.dtype == np.float32
+
+
+# --- affine: a Linear layer's x W + b in one node -------------------------------------------
+
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 4, 3), (3,)])
+@pytest.mark.parametrize("biased", [True, False])
+def test_affine_equals_matmul_plus_bias(device, rng, x_shape, biased):
+    """affine(x, W, b) = x W + b over the last axis; dX = G W^T, dW = X^T G and db = the
+    column sums of G, with the leading axes folded into rows X, G."""
+    from minivit.ops.basic import affine
+    x_np, w_np, b_np = (rng.standard_normal(s) for s in (x_shape, (3, 4), (4,)))
+    g = mv.tensor(rng.standard_normal(x_shape[:-1] + (4,)), device=device)
+    x, w, b = T(x_np, device), T(w_np, device), T(b_np, device) if biased else None
+    y = affine(x, w, b)
+    y.backward(g)
+    want = x_np @ w_np + (b_np if biased else 0)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-13)
+    g2 = g.numpy().reshape(-1, 4)
+    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), (g2 @ w_np.T).reshape(x_shape), rtol=1e-12)
+    np.testing.assert_allclose(mv.backend.to_numpy(w.grad), x_np.reshape(-1, 3).T @ g2, rtol=1e-12)
+    if biased:
+        np.testing.assert_allclose(mv.backend.to_numpy(b.grad), g2.sum(axis=0), rtol=1e-12)
+    inputs = (x, w) + ((b,) if biased else ())
+    assert mv.gradcheck(lambda *a: affine(*a), *inputs) < 1e-6
+
+
+def test_affine_non_contiguous_input_and_errors(device, rng):
+    from minivit.ops.basic import affine
+    x = mv.Tensor(mv.tensor(rng.standard_normal((3, 2, 4)), device=device).data.swapaxes(0, 1),
+                  requires_grad=True)                               # (2, 3, 4), strided
+    w, b = T(rng.standard_normal((4, 5)), device), T(rng.standard_normal(5), device)
+    assert mv.gradcheck(affine, x, w, b) < 1e-6
+    with pytest.raises(ValueError, match=r"x of shape \(2, 3, 4\) and W of shape \(3, 5\) do "
+                                         r"not match"):
+        affine(x, T(np.ones((3, 5)), device))
+    with pytest.raises(ValueError, match=r"b has shape \(4,\), expected \(5,\)"):
+        affine(x, w, T(np.ones(4), device))
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 5)])
+def test_row_and_column_sums(device, rng, shape):
+    """row_sum, row_mean and column_sum (BLAS products with a ones vector on the CPU)
+    equal NumPy's sums."""
+    from minivit.ops.basic import column_sum, row_mean, row_sum
+    x_np = rng.standard_normal(shape)
+    x = mv.tensor(x_np, device=device).data
+    np.testing.assert_allclose(mv.backend.to_numpy(row_sum(x)), x_np.sum(axis=-1), rtol=1e-13)
+    np.testing.assert_allclose(mv.backend.to_numpy(row_mean(x)), x_np.mean(axis=-1),
+                               rtol=1e-13)
+    np.testing.assert_allclose(mv.backend.to_numpy(column_sum(x)),
+                               x_np.reshape(-1, shape[-1]).sum(axis=0), rtol=1e-13)

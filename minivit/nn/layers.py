@@ -10,7 +10,7 @@ import math
 from minivit import backend
 from minivit.nn.module import Module, Parameter
 from minivit.ops.activation import dropout, gelu
-from minivit.ops.basic import matmul, reshape
+from minivit.ops.basic import affine
 from minivit.ops.norm import layer_norm
 
 
@@ -51,8 +51,9 @@ def lecun_normal(rng, fan_in, fan_out):
 class Linear(Module):
     """y = x W + b over the last axis: (..., in) -> (..., out).
 
-    The leading axes are folded into one before the product, so the whole batch of
-    tokens is a single (B*T, in) @ (in, out) matrix product, and so is dW = x^T g.
+    The leading axes are folded into one before the product (ops.basic.affine), so the
+    whole batch of tokens is a single (B*T, in) @ (in, out) matrix product, and so is
+    dW = x^T g.
     """
 
     def __init__(self, in_features, out_features, rng, bias=True, init="xavier_uniform",
@@ -72,11 +73,7 @@ class Linear(Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear({self.in_features} -> {self.out_features}) expects inputs "
                              f"whose last axis is {self.in_features}, got shape {x.shape}")
-        lead = x.shape[:-1]
-        y = matmul(reshape(x, (-1, self.in_features)), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        return reshape(y, lead + (self.out_features,))
+        return affine(x, self.weight, self.bias)
 
 
 class LayerNorm(Module):

@@ -27,7 +27,7 @@ from minivit.nn.module import Module, Parameter
 from minivit.nn.resnet import (GROUPS, ResNetStem, count_stem_parameters, feature_size,
                                resnet_width, stem_channels)
 from minivit.ops.activation import GELU_APPROXIMATIONS
-from minivit.ops.attention import attention, merge_heads, split_heads
+from minivit.ops.attention import self_attention
 from minivit.ops.basic import broadcast_to, concatenate, tanh
 from minivit.ops.patch import patch_embed
 
@@ -226,16 +226,16 @@ class MultiHeadSelfAttention(Module):
     def forward(self, z, return_weights=False):
         B, T, D = z.shape
         qkv = self.qkv(z)
-        q, k, v = (split_heads(qkv[:, :, i * D:(i + 1) * D], self.num_heads) for i in range(3))
         mask = None
         if self.training and self.attention_dropout > 0:
             p = self.attention_dropout
             rng = self.random_source.get(z.device)
             keep = rng.random((B, self.num_heads, T, T), dtype="float32") >= p
             mask = keep.astype(z.dtype) / (1 - p)
-        out = attention(q, k, v, dropout_mask=mask, return_weights=return_weights)
+        out = self_attention(qkv, self.num_heads, dropout_mask=mask,
+                             return_weights=return_weights)         # Eq. 5-7, heads merged
         out, weights = out if return_weights else (out, None)
-        y = self.out(merge_heads(out))
+        y = self.out(out)
         return (y, weights) if return_weights else y
 
 

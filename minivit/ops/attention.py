@@ -20,7 +20,8 @@ import math
 
 from minivit import backend
 from minivit.autograd import Function, Tensor, as_tensor
-from minivit.ops.basic import add, getitem, matmul, reshape, swapaxes
+from minivit.ops.basic import add, getitem, matmul, reshape, row_sum, swapaxes
+from minivit.blocks import map_rows
 
 
 class ScaledDotProductAttention(Function):
@@ -47,47 +48,139 @@ class ScaledDotProductAttention(Function):
                       =>  dS = A * (dA - sum(dA * A, axis=-1, keepdims=True))
         S = c q k^T   =>  dq = c dS k,   dk = c dS^T q
 
-    Subtracting the row maximum shifts each row of S by a constant, which softmax ignores,
-    so it adds no term to the gradient.  forward keeps q, k, v, A and M for backward; A
-    (before dropout) stays on `self.weights` for inspection and visualisation.
+    The row sum in dS need not touch a T_q x T_k array: since dA' = g v^T,
+        sum_j dA_ij A_ij = sum_j (g_i . v_j) A'_ij = g_i . (sum_j A'_ij v_j) = g_i . out_i,
+    a dot product of two D_v-vectors per row (the "D" term of FlashAttention's backward;
+    it holds with the mask too).  Subtracting the row maximum shifts each row of S by a
+    constant, which softmax ignores, so it adds no term to the gradient.  forward keeps
+    q, k, v, A, M and out for backward; A (before dropout) stays on `self.weights` for
+    inspection and visualisation.  Both passes run a block of images at a time on the
+    CPU (minivit/blocks.py), so the T x T arrays of a block stay in the cache.
     """
 
     def __init__(self, dropout_mask=None):
-        mask = dropout_mask.data if isinstance(dropout_mask, Tensor) else dropout_mask
-        if mask is not None and not backend.is_array(mask):
-            raise TypeError(f"attention: dropout_mask must be None, an array or a Tensor, "
-                            f"got {type(dropout_mask).__name__}")
-        self.mask = mask
+        self.mask = _mask_array(dropout_mask)
 
     def forward(self, q, k, v):
         _check_qkv(q, k, v)
-        xp = backend.array_module(q)
+        self.mask = _check_mask(self.mask, q.shape[:-1] + k.shape[-2:-1], q)
         self.scale = 1.0 / math.sqrt(q.shape[-1])
-        s = (q @ k.swapaxes(-1, -2)) * self.scale
-        e = xp.exp(s - s.max(axis=-1, keepdims=True))
-        a = e / e.sum(axis=-1, keepdims=True)
-        mask = self.mask
-        if mask is not None:
-            backend.check_same_device("attention (q and dropout_mask)", [q, mask])
-            if tuple(mask.shape) != a.shape:
-                raise ValueError(f"attention: dropout_mask has shape {tuple(mask.shape)}, "
-                                 f"expected the attention weights' shape {a.shape} "
-                                 "(..., T_q, T_k)")
-            mask = mask.astype(a.dtype, copy=False)   # a float64 or bool mask: keep float32
-        self.q, self.k, self.v, self.weights, self.mask = q, k, v, a, mask
-        return (a if mask is None else a * mask) @ v
+        out, self.weights = _by_rows(_attention_forward, q, k, v, self.mask)
+        self.q, self.k, self.v, self.out = q, k, v, out
+        return out
 
     def backward(self, g):
-        q, k, v, a, mask = self.q, self.k, self.v, self.weights, self.mask
-        a_drop = a if mask is None else a * mask
-        dv = a_drop.swapaxes(-1, -2) @ g
-        da = g @ v.swapaxes(-1, -2)
-        if mask is not None:
-            da = da * mask
-        ds = a * (da - (da * a).sum(axis=-1, keepdims=True))
-        dq = (ds @ k) * self.scale
-        dk = (ds.swapaxes(-1, -2) @ q) * self.scale
-        return dq, dk, dv
+        return _by_rows(_attention_backward, g, self.q, self.k, self.v, self.weights,
+                        self.mask, self.out)
+
+
+class SelfAttention(Function):
+    """[SA_1(z); ...; SA_k(z)] of Eq. 8 from [q, k, v] = z U_qkv (B, T, 3D), one node.
+
+    The same computation as split_heads on each third of qkv, `attention`, then
+    merge_heads, but q, k and v are read in place as strided views of qkv and the
+    backward writes dq, dk and dv straight into one (B, T, 3D) gradient, where the
+    composition would copy each head split and add three zero-padded gradients of the
+    whole of qkv.  The attention is ScaledDotProductAttention's (same derivation).
+    """
+
+    def __init__(self, num_heads, dropout_mask=None):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"self_attention: num_heads must be a positive integer, got "
+                             f"{num_heads!r}")
+        self.num_heads, self.mask = num_heads, _mask_array(dropout_mask)
+
+    def _heads(self, x, parts):
+        """(..., T, parts * D) -> (parts, ..., heads, T, D_h), a view."""
+        *lead, T, width = x.shape
+        n = len(lead)
+        x = x.reshape(*lead, T, parts, self.num_heads, width // parts // self.num_heads)
+        return x.transpose((n + 1,) + tuple(range(n)) + (n + 2, n, n + 3))
+
+    def forward(self, qkv):
+        if qkv.ndim < 2 or qkv.shape[-1] % 3:
+            raise ValueError(f"self_attention expects qkv of shape (..., T, 3D), got "
+                             f"{tuple(qkv.shape)}")
+        if qkv.shape[-1] // 3 % self.num_heads:
+            raise ValueError(f"self_attention: the width D={qkv.shape[-1] // 3} is not "
+                             f"divisible by num_heads={self.num_heads}")
+        q, k, v = self._heads(qkv, 3)
+        _check_qkv(q, k, v)
+        self.mask = _check_mask(self.mask, q.shape[:-1] + k.shape[-2:-1], q)
+
+        def block(q, k, v, mask):
+            out, a = _attention_forward(q, k, v, mask)
+            return out.swapaxes(-3, -2), a                         # (..., T, heads, D_h)
+        out, self.weights = _by_rows(block, q, k, v, self.mask)
+        self.qkv, self.y = qkv, out.reshape(qkv.shape[:-1] + (-1,))
+        return self.y                                              # heads side by side
+
+    def backward(self, g):
+        q, k, v = self._heads(self.qkv, 3)
+        (out,), (g,) = self._heads(self.y, 1), self._heads(g, 1)   # (..., heads, T, D_h)
+        n = g.ndim - 3
+
+        def block(g, q, k, v, a, mask, out):
+            grads = backend.array_module(g).stack(_attention_backward(g, q, k, v, a, mask, out))
+            return grads.transpose(tuple(range(1, n + 1)) + (n + 2, 0, n + 1, n + 3))
+        dqkv = _by_rows(block, g, q, k, v, self.weights, self.mask, out)
+        return dqkv.reshape(self.qkv.shape)        # from (..., T, 3, heads, D_h): [q | k | v]
+
+
+def _mask_array(dropout_mask):
+    mask = dropout_mask.data if isinstance(dropout_mask, Tensor) else dropout_mask
+    if mask is not None and not backend.is_array(mask):
+        raise TypeError(f"attention: dropout_mask must be None, an array or a Tensor, "
+                        f"got {type(dropout_mask).__name__}")
+    return mask
+
+
+def _check_mask(mask, expected, q):
+    """The dropout mask in q's dtype, after checking its device and shape."""
+    if mask is None:
+        return None
+    backend.check_same_device("attention (q and dropout_mask)", [q, mask])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"attention: dropout_mask has shape {tuple(mask.shape)}, expected "
+                         f"the attention weights' shape {expected} (..., T_q, T_k)")
+    return mask.astype(q.dtype, copy=False)       # a float64 or bool mask: keep float32
+
+
+def _attention_forward(q, k, v, mask):
+    """(out, A) on raw arrays: the forward pass of ScaledDotProductAttention."""
+    xp = backend.array_module(q)
+    s = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.swapaxes(-1, -2)   # S = c q k^T, c on q
+    s -= s.max(axis=-1, keepdims=True)
+    a = xp.exp(s)
+    a /= row_sum(a)[..., None]
+    return (a if mask is None else a * mask) @ v, a
+
+
+def _attention_backward(g, q, k, v, a, mask, out):
+    """(dq, dk, dv) on raw arrays: the backward pass of ScaledDotProductAttention."""
+    c = 1.0 / math.sqrt(q.shape[-1])
+    dv = (a if mask is None else a * mask).swapaxes(-1, -2) @ g
+    da = g @ v.swapaxes(-1, -2)
+    if mask is not None:
+        da *= mask
+    da -= row_sum(g * out)[..., None]             # dA - sum_j dA_ij A_ij = dA - g_i . out_i
+    da *= a                                       # dS
+    return da @ (k * c), da.swapaxes(-1, -2) @ (q * c), dv
+
+
+def _by_rows(body, *arrays):
+    """body(*arrays) a block of the leading (batch) axis at a time (minivit/blocks.py);
+    arrays that are None pass through to every block."""
+    present = [i for i, a in enumerate(arrays) if a is not None]
+
+    def on_block(*blocks):
+        full = list(arrays)
+        for i, block in zip(present, blocks):
+            full[i] = block
+        return body(*full)
+    if arrays[0].ndim < 3:
+        return body(*arrays)
+    return map_rows(on_block, *(arrays[i] for i in present))
 
 
 def _check_qkv(q, k, v):
@@ -120,6 +213,18 @@ def attention(q, k, v, dropout_mask=None, return_weights=False):
     """
     fn = ScaledDotProductAttention(dropout_mask)
     out = fn(q, k, v)
+    return (out, Tensor(fn.weights)) if return_weights else out
+
+
+def self_attention(qkv, num_heads, dropout_mask=None, return_weights=False):
+    """[SA_1(z); ...; SA_k(z)] (B, T, D) from qkv = z U_qkv + b_qkv (B, T, 3D), whose
+    columns are [q | k | v], each D wide and head after head (see multi_head_attention).
+    The same values as merge_heads(attention(q, k, v)) with q, k, v = split_heads of each
+    third, in one node that copies no head split (SelfAttention).  dropout_mask and
+    return_weights as for `attention`.
+    """
+    fn = SelfAttention(num_heads, dropout_mask)
+    out = fn(qkv)
     return (out, Tensor(fn.weights)) if return_weights else out
 
 
@@ -179,12 +284,10 @@ def multi_head_attention(z, w_qkv, b_qkv, w_out, b_out, num_heads,
     qkv = matmul(z, w_qkv)                                       # (B, T, 3D)   Eq. 5
     if b_qkv is not None:
         qkv = add(qkv, b_qkv)
-    q, k, v = [split_heads(getitem(qkv, (Ellipsis, slice(s * d, (s + 1) * d))), num_heads)
-               for s in range(3)]                                # each (B, heads, T, D_h)
-    heads = attention(q, k, v, dropout_mask, return_weights)     # Eq. 6-7
+    heads = self_attention(qkv, num_heads, dropout_mask, return_weights)   # Eq. 6-7
     if return_weights:
         heads, weights = heads
-    out = matmul(merge_heads(heads), w_out)                      # (B, T, D)    Eq. 8
+    out = matmul(heads, w_out)                      # (B, T, D)    Eq. 8
     if b_out is not None:
         out = add(out, b_out)
     return (out, weights) if return_weights else out

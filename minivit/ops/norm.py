@@ -1,7 +1,7 @@
 """Layer normalisation, the LN of every Transformer block in ViT (Eq. 2-4)."""
 from minivit import backend
 from minivit.autograd import Function
-from minivit.ops.basic import unbroadcast
+from minivit.ops.basic import column_sum, row_mean
 
 array_module = backend.array_module
 
@@ -37,21 +37,24 @@ class LayerNorm(Function):
                                  f"last axis of x (shape {tuple(x.shape)}), got "
                                  f"{tuple(p.shape)}")
         xp = array_module(x)
-        centred = x - x.mean(axis=-1, keepdims=True)
-        var = (centred * centred).mean(axis=-1, keepdims=True)
-        self.inv_sigma = 1 / xp.sqrt(var + self.eps)
-        self.x_hat = centred * self.inv_sigma
+        centred = x - row_mean(x)[..., None]
+        self.inv_sigma = (1 / xp.sqrt(row_mean(centred * centred) + self.eps))[..., None]
+        self.x_hat = centred
+        self.x_hat *= self.inv_sigma
         self.gamma = gamma
         self.dtypes = x.dtype, gamma.dtype, beta.dtype
-        return self.x_hat * gamma + beta
+        y = self.x_hat * gamma
+        y += beta
+        return y
 
     def backward(self, dy):
         x_hat, d = self.x_hat, dy.shape[-1]
         g = dy * self.gamma
-        dx = (g - g.mean(axis=-1, keepdims=True)
-              - x_hat * (g * x_hat).mean(axis=-1, keepdims=True)) * self.inv_sigma
-        dgamma = unbroadcast(dy * x_hat, (d,))
-        dbeta = unbroadcast(dy, (d,))
+        dx = g - row_mean(g)[..., None]
+        dx -= x_hat * row_mean(g * x_hat)[..., None]
+        dx *= self.inv_sigma
+        dgamma = column_sum(dy * x_hat)
+        dbeta = column_sum(dy)
         return tuple(grad.astype(dtype, copy=False)
                      for grad, dtype in zip((dx, dgamma, dbeta), self.dtypes))
 
