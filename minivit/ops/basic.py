@@ -480,13 +480,6 @@ def tanh(x): return Tanh()(x)
 def relu(x): return ReLU()(x)
 def maximum(a, b): return Maximum()(a, b)
 def matmul(a, b): return MatMul()(a, b)
-
-
-def affine(x, w, b=None):
-    """x W + b over the last axis of x (b may be None): a Linear layer's computation."""
-    return Affine()(x, w) if b is None else Affine()(x, w, b)
-
-
 def sum(x, axis=None, keepdims=False): return Sum(axis, keepdims)(x)   # noqa: A001
 def mean(x, axis=None, keepdims=False): return Mean(axis, keepdims)(x)
 def max(x, axis=None, keepdims=False): return Max(axis, keepdims)(x)   # noqa: A001
@@ -514,3 +507,8 @@ def concatenate(xs, axis=0):
     if len(xs) == 0:
         raise ValueError("concatenate needs at least one tensor")
     return Concatenate(axis)(*xs)
+
+
+def affine(x, w, b=None):
+    """x W + b over the last axis of x (b may be None): a Linear layer's computation."""
+    return Affine()(x, w) if b is None else Affine()(x, w, b)

@@ -24,7 +24,7 @@ same_padding; the hybrid's ResNet stem uses it) or ((top, bottom), (left, right)
 """
 from minivit import backend
 from minivit.autograd import Function, as_tensor
-from minivit.ops.basic import matmul, reshape, transpose
+from minivit.ops.basic import affine, matmul, reshape, transpose
 
 
 def _pair(value, name):
@@ -287,6 +287,4 @@ def patch_embed(x, E, b, patch_size):
     if E.ndim != 2 or E.shape[0] != patches.shape[2]:
         raise ValueError(f"patch_embed: E must have shape (P*P*C, D) = ({patches.shape[2]}, D) "
                          f"for P={patch_size} and C={x.shape[1]}, got {tuple(E.shape)}")
-    B, N, K = patches.shape
-    y = reshape(matmul(reshape(patches, (B * N, K)), E), (B, N, E.shape[1]))   # one product
-    return y if b is None else y + b
+    return affine(patches, E, b)            # one (B*N, P*P*C) @ (P*P*C, D) product, plus b
