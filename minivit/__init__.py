@@ -12,11 +12,11 @@ or minivit.backend.use("cupy"); tensor.to("cuda") / .to("cpu") moves one.
 from minivit import backend
 from minivit.autograd import Function, Tensor, as_tensor, is_grad_enabled, no_grad, tensor
 from minivit.gradcheck import GradcheckError, gradcheck
-from minivit.ops.basic import (add, broadcast_to, concatenate, div, exp, getitem, log, matmul,
-                               max, maximum, mean, mul, neg, pow, relu, reshape, sqrt, sub, sum,
-                               swapaxes, tanh, transpose)
+from minivit.ops.basic import (add, affine, broadcast_to, concatenate, div, exp, getitem, log,
+                               matmul, max, maximum, mean, mul, neg, pow, relu, reshape, sqrt,
+                               sub, sum, swapaxes, tanh, transpose)
 from minivit.ops.activation import dropout, erf, gelu, log_softmax, softmax
-from minivit.ops.attention import attention, multi_head_attention
+from minivit.ops.attention import attention, multi_head_attention, self_attention
 from minivit.ops.loss import accuracy, correct, cross_entropy
 from minivit.ops.norm import group_norm, layer_norm
 from minivit.ops.conv import max_pool2d, weight_standardize

@@ -13,15 +13,18 @@ and k heads side by side, each with its own q, k, v of width D_h = D / k:
 The heads are a batch axis: z U_qkv for all heads at once is one (D, 3D) matmul,
 `split_heads` turns (B, T, D) into (B, heads, T, D_h), the fused `attention` runs
 every head of every image in two batched matmuls, and `merge_heads` puts the heads
-side by side again.  Only `attention` needs a hand-written backward; the rest is
-matmul, add, reshape and transpose from minivit.ops.basic.
+side by side again.  Built that way only `attention` needs a hand-written backward;
+the rest is matmul, add, reshape and transpose from minivit.ops.basic.  The model
+calls `self_attention` instead, the same computation as one node that reads q, k, v
+in place from z U_qkv and writes their gradients into one array (no copies of the
+head splits).
 """
 import math
 
 from minivit import backend
 from minivit.autograd import Function, Tensor, as_tensor
-from minivit.ops.basic import add, getitem, matmul, reshape, row_sum, swapaxes
 from minivit.blocks import map_rows
+from minivit.ops.basic import add, matmul, reshape, row_sum, swapaxes
 
 
 class ScaledDotProductAttention(Function):
@@ -149,7 +152,7 @@ def _check_mask(mask, expected, q):
 def _attention_forward(q, k, v, mask):
     """(out, A) on raw arrays: the forward pass of ScaledDotProductAttention."""
     xp = backend.array_module(q)
-    s = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.swapaxes(-1, -2)   # S = c q k^T, c on q
+    s = (q * (1.0 / math.sqrt(q.shape[-1]))) @ _transposed(k)       # S = c q k^T, c on q
     s -= s.max(axis=-1, keepdims=True)
     a = xp.exp(s)
     a /= row_sum(a)[..., None]
@@ -160,12 +163,21 @@ def _attention_backward(g, q, k, v, a, mask, out):
     """(dq, dk, dv) on raw arrays: the backward pass of ScaledDotProductAttention."""
     c = 1.0 / math.sqrt(q.shape[-1])
     dv = (a if mask is None else a * mask).swapaxes(-1, -2) @ g
-    da = g @ v.swapaxes(-1, -2)
+    da = g @ _transposed(v)
     if mask is not None:
         da *= mask
     da -= row_sum(g * out)[..., None]             # dA - sum_j dA_ij A_ij = dA - g_i . out_i
     da *= a                                       # dS
     return da @ (k * c), da.swapaxes(-1, -2) @ (q * c), dv
+
+
+def _transposed(x):
+    """x^T (the last two axes swapped) as a right-hand matmul operand.  On the CPU a
+    contiguous copy: OpenBLAS multiplies by the transpose of a small matrix at about
+    half the speed, more than the copy costs.  On the GPU the view (cuBLAS reads it as
+    it is)."""
+    xt = x.swapaxes(-1, -2)
+    return backend.array_module(x).ascontiguousarray(xt) if backend.device_of(x) == "cpu" else xt
 
 
 def _by_rows(body, *arrays):
