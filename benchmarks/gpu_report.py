@@ -95,6 +95,13 @@ def stop(proc, grace=20):
             pass
 
 
+def interruptible():
+    """In the child before it starts: Ctrl-C's default action back.  A shell starts
+    background jobs with SIGINT ignored, and a child inherits that, so `stop` could not
+    interrupt it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(cmd, timeout, env=None):
     """Run `cmd` from the repository root; (exit status, or None when it was stopped at
     `timeout` seconds, and its output: stdout and stderr together)."""
@@ -102,7 +109,8 @@ def run(cmd, timeout, env=None):
           file=sys.stderr, flush=True)
     with tempfile.TemporaryFile() as out:          # a file, not a pipe: nothing can block
         proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env or child_env(),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=interruptible)
         try:
             status = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:

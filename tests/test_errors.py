@@ -252,7 +252,9 @@ def test_a_log_without_a_checkpoint_is_never_overwritten(train_cifar, cifar_dir,
 def test_ctrl_c_ends_training_with_one_line(cifar_dir, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "examples/train_cifar.py", *tiny(cifar_dir, tmp_path / "run"),
-         "--epochs", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--epochs", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even when this
+    # test runs in a background job, whose children start with Ctrl-C ignored
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.monotonic() + 60
     while not log.exists() and time.monotonic() < deadline and process.poll() is None:
