@@ -24,7 +24,7 @@ import math
 from minivit import backend
 from minivit.autograd import Function, Tensor, as_tensor
 from minivit.blocks import map_rows
-from minivit.ops.basic import add, matmul, reshape, row_sum, swapaxes
+from minivit.ops.basic import affine, reshape, row_sum, swapaxes
 
 
 class ScaledDotProductAttention(Function):
@@ -293,13 +293,9 @@ def multi_head_attention(z, w_qkv, b_qkv, w_out, b_out, num_heads,
         if w is not None and tuple(w.shape) != shape:
             raise ValueError(f"multi_head_attention: {name} has shape {tuple(w.shape)}, "
                              f"expected {shape} for tokens of width D={d}")
-    qkv = matmul(z, w_qkv)                                       # (B, T, 3D)   Eq. 5
-    if b_qkv is not None:
-        qkv = add(qkv, b_qkv)
+    qkv = affine(z, w_qkv, b_qkv)                                # (B, T, 3D)   Eq. 5
     heads = self_attention(qkv, num_heads, dropout_mask, return_weights)   # Eq. 6-7
     if return_weights:
         heads, weights = heads
-    out = matmul(heads, w_out)                      # (B, T, D)    Eq. 8
-    if b_out is not None:
-        out = add(out, b_out)
+    out = affine(heads, w_out, b_out)                            # (B, T, D)    Eq. 8
     return (out, weights) if return_weights else out
