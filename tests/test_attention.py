@@ -155,6 +155,25 @@ def test_large_scores_are_stable(device, rng):
     np.testing.assert_allclose(weights.numpy().sum(axis=-1), 1.0, rtol=1e-12)
 
 
+def test_rows_far_below_their_heads_largest_score_do_not_underflow(device, rng):
+    """On the CPU softmax first shifts a whole head by its largest score.  A row whose
+    scores lie 300 below it would underflow to exp = 0 in float32 (weights 0 / 0); the
+    rows' own maxima must take over, in float32 as in float64."""
+    q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
+    q[:, :, 0] = 0.0                                   # row 0: every score 0
+    q[:, :, 1] = k[:, :, 0] * (600 / (k[:, :, 0] ** 2).sum(axis=-1))[..., None]   # row 1:
+    # its score for key 0 is c q . k = 300 (c = 1/2): each head's largest is 300 or more
+    for dtype, rtol in ((np.float32, 2e-5), (np.float64, 1e-10)):
+        inputs = [t(x.astype(dtype), device) for x in (q, k, v)]
+        out, weights = attention(*inputs, return_weights=True)
+        want_out, want_weights = loop_attention(q.astype(dtype), k.astype(dtype),
+                                                v.astype(dtype))
+        assert np.isfinite(out.numpy()).all()
+        np.testing.assert_allclose(weights.numpy()[:, :, 0], 0.2, rtol=rtol)   # uniform
+        np.testing.assert_allclose(out.numpy(), want_out, rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(weights.numpy(), want_weights, rtol=rtol, atol=rtol)
+
+
 def test_returned_weights_are_detached_softmax_before_dropout(device, rng):
     q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
     mask = dropout_mask((2, 3, 5, 5))

@@ -151,12 +151,37 @@ def _check_mask(mask, expected, q):
 
 def _attention_forward(q, k, v, mask):
     """(out, A) on raw arrays: the forward pass of ScaledDotProductAttention."""
-    xp = backend.array_module(q)
     s = (q * (1.0 / math.sqrt(q.shape[-1]))) @ _transposed(k)       # S = c q k^T, c on q
-    s -= s.max(axis=-1, keepdims=True)
-    a = xp.exp(s)
-    a /= row_sum(a)[..., None]
+    a = _softmax(s)
     return (a if mask is None else a * mask) @ v, a
+
+
+def _softmax(s):
+    """softmax over the last axis of scores s (..., T_q, T_k), overwriting s.
+
+    exp(s - m) / sum exp(s - m) is the same for any shift m of a row; subtracting the
+    row's maximum keeps every exp <= 1 (no overflow) with its largest term exactly 1.
+    On the CPU one shift per head, the largest score of its whole T_q x T_k matrix, is
+    5-10 times cheaper than the rows' maxima (NumPy reduces a short row at a time) and
+    just as safe unless some row lies more than ~80 below it: then that row's exps
+    would fall towards float32's underflow.  Its sum tells (sum >= the row's largest
+    exp), so such a head's rows are shifted by their own maxima instead.  On the GPU
+    the rows' maxima are one kernel, and the check would read the device.
+    """
+    xp = backend.array_module(s)
+    if backend.device_of(s) == "cpu":
+        e = xp.exp(s - s.max(axis=(-2, -1), keepdims=True))
+        sums = row_sum(e)
+        if sums.min() > s.shape[-1] * _SMALLEST_EXP:             # every row's largest exp
+            e /= sums[..., None]                                 # is >= e^-80: normal
+            return e
+    s -= s.max(axis=-1, keepdims=True)
+    e = xp.exp(s)
+    e /= row_sum(e)[..., None]
+    return e
+
+
+_SMALLEST_EXP = math.exp(-80)     # well above float32's smallest normal number, 1.2e-38
 
 
 def _attention_backward(g, q, k, v, a, mask, out):
