@@ -36,7 +36,8 @@ class ScaledDotProductAttention(Function):
     code and timm.  Without a mask A' = A.  Forward, with c = 1/sqrt(D_h):
 
         S  = c q k^T                  scores, (..., T_q, T_k)
-        A  = softmax(S) by rows       computed as exp(S - max S) / sum exp(S - max S)
+        A  = softmax(S) by rows       computed as exp(S - m) / sum exp(S - m), m the
+                                      rows' maxima (on the CPU the head's: _softmax)
         A' = A * M
         out = A' v
 
