@@ -544,7 +544,8 @@ if __name__ == "__main__":
                  "continue with --resume")
     except BaseException as e:
         # Under MPI a rank that stops alone would leave the others waiting in a collective
-        # for ever: say why on this rank, then end every rank.
+        # for ever: say why on this rank, then end every rank.  An error that every rank
+        # raised at once (disagreeing settings) leaves none waiting: each just stops.
         if world.size > 1 and not (isinstance(e, SystemExit) and not e.code):
             if isinstance(e, SystemExit):
                 print(f"rank {world.rank}: {e.code}", file=sys.stderr, flush=True)
@@ -552,5 +553,7 @@ if __name__ == "__main__":
                 print(f"rank {world.rank}: {cli.message(e)}", file=sys.stderr, flush=True)
             else:
                 traceback.print_exc()
+            if getattr(e, "everywhere", False):
+                sys.exit(1)
             world.abort(1)
         raise

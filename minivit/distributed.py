@@ -19,6 +19,8 @@ step).  A single process without MPI is world size 1 and needs none of this.
 import hashlib
 import json
 import os
+import sys
+import time
 
 from minivit import backend
 
@@ -26,7 +28,13 @@ _LAUNCHERS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
 class DistributedError(RuntimeError):
-    """MPI is missing where it is needed, or the ranks disagree."""
+    """MPI is missing where it is needed, or the ranks disagree.  `everywhere` is True
+    when every rank raises it at the same point (then no rank is left waiting, and the
+    ranks can simply stop, each with its message)."""
+
+    def __init__(self, message, everywhere=False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 def _launched_size():
@@ -101,11 +109,17 @@ class World:
         if differ:
             raise DistributedError(f"the ranks disagree on {what}: rank(s) "
                                    f"{', '.join(map(str, differ))} differ from rank 0 (every "
-                                   "rank must run the same command on the same data)")
+                                   "rank must run the same command on the same data)",
+                                   everywhere=True)
 
     def abort(self, code=1):
-        """End every rank at once (a rank that fails alone would leave the others waiting)."""
+        """End every rank at once (a rank that fails alone would leave the others waiting).
+        First a moment for the launcher to pass on what this rank printed: MPI_Abort kills
+        every process, and MPICH drops output it has not forwarded yet."""
         if self.comm is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            time.sleep(0.5)
             self.comm.Abort(code)
 
 

@@ -208,6 +208,7 @@ def test_a_rank_that_fails_ends_every_rank_with_one_message(cifar, tmp_path):
                           *differ], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env=env)
     assert run.returncode != 0 and "the ranks disagree on the settings" in run.stderr
+    assert "Traceback" not in run.stderr and "rank 1: error: the ranks disagree" in run.stderr
 
 
 def test_the_scaling_benchmark_reports_one_and_two_processes():
