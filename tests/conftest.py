@@ -67,5 +67,17 @@ def load_example(name):
 
 
 @pytest.fixture
+def keep_default_backend(monkeypatch):
+    """For tests that run a program's main(--backend ...), which sets the process-wide
+    default backend: put it back afterwards (modules use it with pytest.mark.usefixtures)."""
+    monkeypatch.setattr(backend, "_default_device", backend.default_device())
+
+
+def backend_flag(device):
+    """The --backend flag of the programs for a test's device fixture."""
+    return ["--backend", {"cpu": "numpy", "cuda": "cupy"}[device]]
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -25,10 +25,12 @@ import numpy as np
 import pytest
 
 import minivit as mv
-from minivit import backend, checkpoint
+from minivit import checkpoint
 from minivit.data import cifar
 from conftest import load_example
 from test_data import write_cifar
+
+pytestmark = pytest.mark.usefixtures("keep_default_backend")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -138,11 +140,6 @@ def test_train_cifar_names_a_damaged_batch_in_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def train_cifar():
     return load_example("train_cifar")
-
-
-@pytest.fixture(autouse=True)
-def keep_default_backend(monkeypatch):
-    monkeypatch.setattr(backend, "_default_device", backend.default_device())
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ from minivit import backend, checkpoint, images
 from minivit.nn import VisionTransformer
 from conftest import load_example
 
+pytestmark = pytest.mark.usefixtures("keep_default_backend")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "predict.py"
 S = 8
@@ -48,12 +50,6 @@ NAMES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", 
 @pytest.fixture(scope="module")
 def predict():
     return load_example("predict")
-
-
-@pytest.fixture(autouse=True)
-def keep_default_backend(monkeypatch):
-    # main(--backend ...) sets the process-wide default backend; put it back afterwards
-    monkeypatch.setattr(backend, "_default_device", backend.default_device())
 
 
 def tiny_model(seed=0, **overrides):

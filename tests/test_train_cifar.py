@@ -15,23 +15,15 @@ import numpy as np
 import pytest
 
 import minivit as mv
-from minivit import backend, checkpoint
-from conftest import load_example
+from minivit import checkpoint
+from conftest import backend_flag, load_example
 from test_data import write_cifar
+
+pytestmark = pytest.mark.usefixtures("keep_default_backend")
 
 @pytest.fixture(scope="module")
 def train_cifar():
     return load_example("train_cifar")
-
-
-@pytest.fixture(autouse=True)
-def keep_default_backend(monkeypatch):
-    # main(--backend ...) sets the process-wide default backend; put it back afterwards
-    monkeypatch.setattr(backend, "_default_device", backend.default_device())
-
-
-def backend_flag(device):
-    return ["--backend", {"cpu": "numpy", "cuda": "cupy"}[device]]
 
 
 @pytest.fixture

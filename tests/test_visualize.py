@@ -25,8 +25,10 @@ from PIL import Image
 import minivit as mv
 from minivit import backend, checkpoint
 from minivit.nn import VisionTransformer, ViTConfig
-from conftest import load_example
+from conftest import backend_flag, load_example
 from test_data import write_cifar
+
+pytestmark = pytest.mark.usefixtures("keep_default_backend")
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = dict(image_size=16, patch_size=4, num_classes=10, hidden_size=16, depth=2, num_heads=2,
@@ -41,16 +43,6 @@ def visualize():
 @pytest.fixture(scope="module")
 def inductive_bias():
     return load_example("inductive_bias")
-
-
-@pytest.fixture(autouse=True)
-def keep_default_backend(monkeypatch):
-    # main(--backend ...) sets the process-wide default backend; put it back afterwards
-    monkeypatch.setattr(backend, "_default_device", backend.default_device())
-
-
-def backend_flag(device):
-    return ["--backend", {"cpu": "numpy", "cuda": "cupy"}[device]]
 
 
 def write_images(folder, names=("cat.png", "ship.jpg")):
