@@ -176,7 +176,7 @@ class GELU(Function):
 
 # The four bodies, on raw arrays.  GELU runs them through map_rows (minivit/blocks.py):
 # on the CPU a block of rows at a time, so each chain of ~30 elementwise passes runs in
-# the cache, on every core.
+# the cache.
 
 def _gelu_erf_forward(x):
     cdf = erf(x * _SQRT_HALF)                      # Phi(x) = (1 + erf(x / sqrt 2)) / 2
