@@ -30,10 +30,10 @@ def worker(args):
     from minivit.nn import VisionTransformer
     from minivit.optim import AdamW
 
-    backend.use(args.backend)
+    world = distributed.world()
+    backend.use(args.backend, world.local_rank)                 # one GPU per rank
     if backend.default_device() == "cpu":
         backend.keep_host_memory()
-    world = distributed.world()
     model = VisionTransformer(args.preset)
     optimizer = AdamW(model.parameters(), lr=1e-4)
     distributed.broadcast_parameters(world, optimizer)

@@ -390,10 +390,10 @@ def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out)
     ckpt_path = out / "checkpoint.npz"
-    device = cli.use_backend(args.backend)
+    world = distributed.world()            # several processes under mpiexec, else one
+    device = cli.use_backend(args.backend, world.local_rank)    # one GPU per rank
     if device == "cpu":
         backend.keep_host_memory()
-    world = distributed.world()            # several processes under mpiexec, else one
     if not world.is_main:                  # only rank 0 prints and writes files
         sys.stdout = open(os.devnull, "w")
 

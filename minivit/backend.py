@@ -26,7 +26,12 @@ _DEVICE_NAMES = {"cpu": "cpu", "numpy": "cpu", "np": "cpu",
 
 CUPY_INSTALL_HINT = ('install it with: pip install -e ".[cuda12]" for CUDA 12 '
                      '(cupy-cuda12x) or pip install -e ".[cuda13]" for CUDA 13 (cupy-cuda13x); '
-                     "CuPy needs the NVIDIA driver and the CUDA libraries")
+                     "both bring the CUDA libraries from PyPI and need only the NVIDIA driver")
+
+# The CUDA libraries minivit runs on, beyond the driver: NVRTC compiles CuPy's kernels,
+# cuBLAS multiplies matrices.  (CuPy's random numbers are its own kernels; nothing here
+# needs cuSOLVER, cuFFT or cuRAND.)  Each is one extra of NVIDIA's cuda-toolkit wheel.
+CUDA_LIBRARIES = {"NVRTC": "nvrtc", "cuBLAS": "cublas"}
 
 
 class BackendError(RuntimeError):
@@ -93,13 +98,21 @@ def _check_cupy(cupy):
             return BackendError(
                 f"CuPy {getattr(cupy, '__version__', '?')} found a GPU but cannot {what}: "
                 f"the CUDA {library} library is missing or does not match ({type(e).__name__}: "
-                f"{e}). Install the CUDA Toolkit libraries, e.g. "
-                f'pip install "cupy-cuda12x[ctk]" (or "cupy-cuda13x[ctk]")')
+                f"{e}). Install it with: {_library_install_command(cupy, library)}")
     return None
 
 
-def _import_cupy():
-    """Import CuPy and make sure it can run on a CUDA device; say what is missing."""
+def _library_install_command(cupy, library):
+    """The pip command that brings one CUDA library for this CuPy's CUDA major version."""
+    try:
+        major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+    except Exception:  # the runtime itself unreadable: name the common case
+        major = 12
+    return f'pip install "cuda-toolkit[{CUDA_LIBRARIES[library]}]=={major}.*"'
+
+
+def _load_cupy():
+    """Import CuPy (the stand-in under MINIVIT_FAKE_CUPY=1), without checking the GPU."""
     if os.environ.get("MINIVIT_FAKE_CUPY") == "1":
         _use_standin()
     try:
@@ -107,6 +120,12 @@ def _import_cupy():
     except ImportError as e:
         raise BackendError(f"the CuPy backend needs CuPy, which is not installed ({e}); "
                            f"{CUPY_INSTALL_HINT}") from None
+    return cupy
+
+
+def _import_cupy():
+    """Import CuPy and make sure it can run on a CUDA device; say what is missing."""
+    cupy = _load_cupy()
     global _checked
     if _checked[0] is not cupy:
         _checked = (cupy, _check_cupy(cupy))
@@ -148,12 +167,27 @@ def _device_from_environment():
                            "(CPU) or 'cupy' (GPU), or leave it unset for NumPy") from None
 
 
-def use(name):
-    """Make `name` ("numpy"/"cpu" or "cupy"/"cuda") the default backend for new tensors."""
+def use(name, local_rank=None):
+    """Make `name` ("numpy"/"cpu" or "cupy"/"cuda") the default backend for new tensors.
+
+    `local_rank`, for one of several processes on a machine (MPI ranks): with CuPy this
+    process takes GPU local_rank % (the GPUs it sees), so the ranks spread over the GPUs
+    instead of all using GPU 0."""
     global _default_device
     device = device_name(name)
+    if device == "cuda" and local_rank is not None:
+        _select_gpu(_load_cupy(), local_rank)
     module_for(device)           # fails here, clearly, if CuPy or the GPU is missing
     _default_device = device
+
+
+def _select_gpu(cupy, local_rank):
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no driver or no device: the check that follows says so
+        return
+    if count > 0:
+        cupy.cuda.Device(local_rank % count).use()
 
 
 def default_device():
@@ -171,6 +205,14 @@ def default_backend_name():
 
 def default_module():
     return module_for(default_device())
+
+
+def synchronize(device=None):
+    """Wait until the device has finished the work queued so far (for timing).  On CuPy
+    that is the current stream's work: the null stream, or the stream a `with Stream():`
+    block made current.  NumPy has nothing queued."""
+    if device_name(device or default_device()) == "cuda":
+        module_for("cuda").cuda.get_current_stream().synchronize()
 
 
 # --- asking arrays about themselves ----------------------------------------------------

@@ -51,11 +51,12 @@ def install():
     sys.excepthook = _hook
 
 
-def use_backend(name):
+def use_backend(name, local_rank=None):
     """Make `name` ("numpy" or "cupy") the default backend and return its device ("cpu" or
-    "cuda"); exit with one line when it cannot be used here (CuPy or the GPU missing)."""
+    "cuda"); exit with one line when it cannot be used here (CuPy or the GPU missing).
+    `local_rank`: this process's rank on its machine, which picks its GPU (see backend.use)."""
     try:
-        backend.use(name)
+        backend.use(name, local_rank)
     except BackendError as e:
         sys.exit(f"error: {e}")
     return backend.default_device()

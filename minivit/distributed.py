@@ -55,6 +55,20 @@ class World:
         self.rank = 0 if comm is None else comm.Get_rank()
 
     @property
+    def local_rank(self):
+        """This process's place among the ranks on its own machine, from a shared-memory
+        split of the communicator (MPI's notion of a node): with CuPy, rank r of a machine
+        takes GPU r % (its GPUs).  0 for a single process."""
+        if self.comm is None:
+            return 0
+        from mpi4py import MPI
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_rank()
+        finally:
+            node.Free()
+
+    @property
     def is_main(self):
         """Rank 0: the one that prints and writes files."""
         return self.rank == 0

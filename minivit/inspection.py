@@ -179,10 +179,13 @@ def embedding_filters(model, k=28):
         raise ValueError(f"embedding_filters: k must be between 1 and {min(filters.shape)} "
                          f"(D = {filters.shape[0]} filters of {filters.shape[1]} values), "
                          f"got {k}")
+    # A small matrix (D x P*P*C), so the SVD runs on the host: on a GPU it would need
+    # cuSOLVER, a CUDA library the rest of minivit never loads.
+    filters = backend.to_numpy(filters)
     xp = backend.array_module(filters)
     centred = filters - filters.mean(axis=0, keepdims=True)
     _, _, vt = xp.linalg.svd(centred, full_matrices=False)
     components = vt[:k]                                             # (k, P*P*C)
     biggest = xp.abs(components).argmax(axis=1)
     sign = xp.sign(xp.take_along_axis(components, biggest[:, None], axis=1))
-    return backend.to_numpy((components * sign).reshape(k, P, P, C))
+    return (components * sign).reshape(k, P, P, C)

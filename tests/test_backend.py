@@ -17,7 +17,7 @@ import pytest
 
 import minivit as mv
 from minivit import backend
-from conftest import require_cupy
+from conftest import STANDIN, require_cupy
 
 PACKAGE = pathlib.Path(mv.__file__).parent
 
@@ -183,9 +183,63 @@ def test_a_cupy_that_cannot_compile_or_multiply_is_named(monkeypatch, missing, l
     monkeypatch.delenv("MINIVIT_FAKE_CUPY", raising=False)
     monkeypatch.setitem(sys.modules, "cupy", _BrokenCupy(missing))
     with pytest.raises(backend.BackendError, match=rf"found a GPU but cannot .*CUDA {library} "
-                                                   r"library is missing.*\[ctk\]"):
+                                                   rf"library is missing.*Install it with: pip "
+                                                   rf"install \"cuda-toolkit\[{missing}\]==12\.\*\""):
         backend.use("cupy")
     assert library in backend.cupy_unavailable_reason()
+
+
+def standin_python(code, **env):
+    """Run `code` in a fresh Python on the CuPy stand-in, with `env` added; its result."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MINIVIT_")}
+    environment.update(MINIVIT_FAKE_CUPY="1", PYTHONPATH=os.pathsep.join(
+        [str(PACKAGE.parent), environment.get("PYTHONPATH", "")]), **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environment, timeout=120)
+
+
+@pytest.mark.parametrize("missing,library", [("nvrtc", "NVRTC"), ("cublas", "cuBLAS")])
+def test_a_missing_cuda_library_is_named_with_the_pip_command_that_brings_it(missing, library):
+    """The stand-in fails as CuPy does on a machine without the library's wheel."""
+    run = standin_python("from minivit import backend; print(backend.cupy_unavailable_reason())",
+                         MINIVIT_FAKE_CUPY_MISSING=missing)
+    assert run.returncode == 0, run.stderr
+    assert f"cannot {'compile a kernel' if missing == 'nvrtc' else 'multiply matrices'}" in run.stdout
+    assert f"CUDA {library} library is missing" in run.stdout
+    assert f'pip install "cuda-toolkit[{missing}]==12.*"' in run.stdout
+    fine = standin_python("from minivit import backend; print(backend.cupy_unavailable_reason())",
+                          MINIVIT_FAKE_CUPY_MISSING="cusolver")
+    assert fine.stdout.strip() == "None", fine.stdout + fine.stderr     # not needed to start
+
+
+@pytest.mark.parametrize("local_rank,devices,expected", [(0, 1, 0), (3, 1, 0), (1, 2, 1),
+                                                          (2, 2, 0), (5, 4, 1)])
+def test_each_process_takes_the_gpu_of_its_local_rank(local_rank, devices, expected):
+    """Several processes on one machine spread over its GPUs: local_rank % device count."""
+    run = standin_python(f"from minivit import backend; "
+                         f"backend.use('cupy', local_rank={local_rank}); "
+                         f"cupy = backend.module_for('cuda'); "
+                         f"print(cupy.cuda.Device().id, (backend.asarray([1.0]) * 2).item())",
+                         MINIVIT_FAKE_CUPY_DEVICES=str(devices))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(expected), "2.0"]
+
+
+def test_synchronize_waits_for_the_current_stream(monkeypatch):
+    """Timing code must wait for the stream the work went to, which need not be the null
+    stream (the stand-in's streams count their synchronisations)."""
+    require_cupy()
+    if not STANDIN:
+        pytest.skip("counts synchronisations on the CuPy stand-in")
+    cupy = backend.module_for("cuda")
+    null = cupy.cuda.Stream.null.synchronized
+    with cupy.cuda.Stream() as stream:
+        backend.synchronize("cuda")
+    assert stream.synchronized == 1 and cupy.cuda.Stream.null.synchronized == null
+    backend.synchronize("cuda")
+    assert cupy.cuda.Stream.null.synchronized == null + 1
+    backend.synchronize("cpu")                  # NumPy: nothing queued, nothing to do
+    assert cupy.cuda.Stream.null.synchronized == null + 1
 
 
 def test_require_cuda_turns_the_cupy_skips_into_failures(tmp_path):

@@ -16,6 +16,7 @@ mpich wheel, which brings mpiexec into the virtual environment); they skip witho
 """
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -42,8 +43,8 @@ def needs_mpi():
         pytest.skip("needs mpiexec (the mpich wheel brings one)")
 
 
-def mpirun(n, *args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_"))}
+def mpirun(n, *args, timeout=300, env=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_"))} | (env or {})
     env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
     command = [MPIEXEC, "-n", str(n)] if n > 1 else []
     return subprocess.run(command + [sys.executable, *map(str, args)], capture_output=True,
@@ -142,6 +143,28 @@ def test_two_processes_take_the_step_of_one_in_float64(tmp_path):
     one, two = np.load(tmp_path / "n1.npz"), np.load(tmp_path / "n2.npz")
     for name in one.files:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+GPU_OF_EACH_RANK = """
+from minivit import backend, cli, distributed
+world = distributed.world()
+cli.use_backend("cupy", world.local_rank)            # as train_cifar.py and scaling.py do
+print(f"rank {world.rank} local {world.local_rank} gpu {backend.module_for('cuda').cuda.Device().id}")
+"""
+
+
+def test_each_rank_takes_its_own_gpu(tmp_path):
+    """Under mpiexec every rank would otherwise use GPU 0: rank r of a machine (from a
+    shared-memory split of the communicator) takes GPU r % (the GPUs it sees).  Three
+    ranks on the stand-in made to show two GPUs: GPUs 0, 1, 0."""
+    needs_mpi()
+    script = tmp_path / "gpus.py"
+    script.write_text(GPU_OF_EACH_RANK)
+    env = {"MINIVIT_FAKE_CUPY": "1", "MINIVIT_FAKE_CUPY_DEVICES": "2"}
+    run = mpirun(3, script, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d local \d gpu \d", run.stdout)) == [
+        "rank 0 local 0 gpu 0", "rank 1 local 1 gpu 1", "rank 2 local 2 gpu 0"]
 
 
 def train_args(data, out, *extra):

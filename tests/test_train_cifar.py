@@ -268,3 +268,18 @@ def test_a_run_ends_with_the_figures_of_what_the_model_learned(train_cifar, cifa
     figures = sorted(p.name for p in (tmp_path / "run" / "figures").glob("*.png"))
     assert figures == ["attention_distance.png", "embedding_filters.png", "position_embeddings.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (tmp_path / "run" / "figures").iterdir())
+
+
+def test_a_gpu_run_needs_no_cusolver(train_cifar, cifar_dir, tmp_path, monkeypatch, standin):
+    """A driver-only GPU machine with NVRTC and cuBLAS but no cuSOLVER: every cupy.linalg
+    call fails, and a run still trains, tests and draws its figures (the SVD of the
+    embedding filters runs on the host)."""
+    monkeypatch.setenv("MINIVIT_FAKE_CUPY_MISSING", "cusolver")
+    cupy = mv.backend.module_for("cuda")
+    with pytest.raises(RuntimeError, match="libcusolver"):
+        cupy.linalg.svd(cupy.ones((3, 2), dtype="float32"))
+    final = train_cifar.main(args(cifar_dir, tmp_path / "run", "--epochs", "1",
+                                  "--backend", "cupy"))
+    assert final["epoch"] == 1
+    figures = sorted(p.name for p in (tmp_path / "run" / "figures").glob("*.png"))
+    assert figures == ["attention_distance.png", "embedding_filters.png", "position_embeddings.png"]

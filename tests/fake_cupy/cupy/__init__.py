@@ -122,6 +122,8 @@ class _Ufunc:
         raw = [_operand(x) for x in args]
         kw = {k: _operand(v) if isinstance(v, (ndarray, numpy.ndarray)) else v
               for k, v in kwargs.items()}
+        if self.__name__ in _standin.BLAS_FUNCTIONS:
+            _standin.require("cublas")
         _standin.launch()
         r = getattr(self._u, method)(*raw, **kw) if method else self._u(*raw, **kw)
         if isinstance(out, ndarray):
@@ -154,6 +156,8 @@ class _Ufunc:
 def _function(name, np_func):
     """CuPy's function `name`, computed by NumPy's: device arrays in, device arrays out."""
     def function(*args, **kwargs):
+        if name in _standin.BLAS_FUNCTIONS:
+            _standin.require("cublas")
         out = kwargs.get("out")
         r = np_func(*_unwrap(args), **_unwrap(kwargs))
         if isinstance(r, (numpy.ndarray, numpy.generic, tuple, list)):

@@ -58,7 +58,25 @@ def copy(what):
     counters.copies.append((what, call_site()))
 
 
+# The CUDA libraries CuPy loads on first use.  A machine with the driver and only some of
+# NVIDIA's library wheels lacks the others; MINIVIT_FAKE_CUPY_MISSING=cusolver,cublas
+# makes the stand-in fail the way CuPy then does, at the first call that needs one:
+# every kernel needs NVRTC, matrix products cuBLAS, cupy.linalg cuSOLVER.
+LIBRARIES = {"nvrtc": "libnvrtc.so.12", "cublas": "libcublas.so.12",
+             "cusolver": "libcusolver.so.11"}
+BLAS_FUNCTIONS = frozenset({"matmul", "dot", "vdot", "inner", "tensordot", "einsum"})
+
+
+def require(library):
+    missing = os.environ.get("MINIVIT_FAKE_CUPY_MISSING", "").replace(" ", "").split(",")
+    if library in missing:
+        name = LIBRARIES[library]
+        raise RuntimeError(f"CuPy failed to load {name}: OSError: {name}: cannot open shared "
+                           "object file: No such file or directory")
+
+
 def launch(n=1):
+    require("nvrtc")
     counters.launches += n
     if trace_launches:
         counters.launch_sites[call_site()] += n

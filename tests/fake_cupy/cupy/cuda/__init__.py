@@ -1,4 +1,5 @@
-"""cupy.cuda in the stand-in: one pretend device, streams and events that keep time."""
+"""cupy.cuda in the stand-in: pretend devices (runtime.py), streams that count their
+synchronisations, and events that keep time."""
 import time
 
 import cupy
@@ -18,7 +19,7 @@ def is_available():
 
 
 def get_device_id():
-    return 0
+    return runtime.getDevice()
 
 
 def get_local_runtime_version():
@@ -27,9 +28,10 @@ def get_local_runtime_version():
 
 class Device:
     def __init__(self, device=None):
-        if device not in (None, 0):
+        device = runtime.getDevice() if device is None else device
+        if not 0 <= device < runtime.getDeviceCount():
             raise runtime.CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
-        self.id = 0
+        self.id = device
 
     compute_capability = "90"
     mem_info = property(lambda self: runtime.memGetInfo())
@@ -38,7 +40,7 @@ class Device:
         pass
 
     def use(self):
-        pass
+        runtime.setDevice(self.id)
 
     def __enter__(self):
         return self
@@ -53,30 +55,38 @@ class Device:
         return hash(self.id)
 
     def __repr__(self):
-        return "<CUDA Device 0>"
+        return f"<CUDA Device {self.id}>"
 
 
 class Stream:
+    """Work on the stand-in is done when a call returns; a stream only counts how often it
+    was synchronised, so tests can check that timing code waits on the right one."""
     null = None
 
     def __init__(self, null=False, non_blocking=False, ptr=None):
-        pass
+        self.synchronized = 0
+        self._outer = []
 
     def synchronize(self):
-        pass
+        self.synchronized += 1
 
     def __enter__(self):
+        global _current
+        self._outer.append(_current)
+        _current = self
         return self
 
     def __exit__(self, *exc):
+        global _current
+        _current = self._outer.pop()
         return False
 
 
-Stream.null = Stream(null=True)
+Stream.null = _current = Stream(null=True)
 
 
 def get_current_stream(device_id=-1):
-    return Stream.null
+    return _current
 
 
 class Event:

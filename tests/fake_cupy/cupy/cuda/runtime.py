@@ -1,4 +1,7 @@
-"""cupy.cuda.runtime in the stand-in: one pretend device."""
+"""cupy.cuda.runtime in the stand-in: pretend devices, one unless
+MINIVIT_FAKE_CUPY_DEVICES=N asks for N (to test how processes share GPUs)."""
+import os
+
 import cupy
 
 _PUBLIC = frozenset(cupy._MANIFEST["cupy.cuda.runtime"])
@@ -16,11 +19,21 @@ def __getattr__(name):
 
 
 def getDeviceCount():
-    return 1
+    return int(os.environ.get("MINIVIT_FAKE_CUPY_DEVICES", "1"))
 
 
 def getDevice():
-    return 0
+    return current_device
+
+
+def setDevice(device):
+    if not 0 <= device < getDeviceCount():
+        raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+    global current_device
+    current_device = device
+
+
+current_device = 0
 
 
 def deviceSynchronize():
@@ -40,7 +53,7 @@ def memGetInfo():
 
 
 def getDeviceProperties(device):
-    if device != 0:
+    if not 0 <= device < getDeviceCount():
         raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
     return {"name": b"CuPy stand-in (NumPy on the CPU)", "totalGlobalMem": _TOTAL,
             "major": 9, "minor": 0, "multiProcessorCount": 1}

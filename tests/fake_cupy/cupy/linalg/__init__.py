@@ -1,7 +1,9 @@
-"""cupy.linalg in the stand-in: CuPy's names, computed by numpy.linalg."""
+"""cupy.linalg in the stand-in: CuPy's names, computed by numpy.linalg.  Each needs
+cuSOLVER (MINIVIT_FAKE_CUPY_MISSING=cusolver makes every call fail as CuPy then does)."""
 import numpy
 
 import cupy
+from cupy import _standin
 
 _PUBLIC = frozenset(cupy._MANIFEST["cupy.linalg"])
 
@@ -12,6 +14,13 @@ def __getattr__(name):
     np_obj = getattr(numpy.linalg, name, None)
     if not callable(np_obj):
         raise NotImplementedError(f"cupy.linalg.{name}: not in the stand-in")
-    obj = np_obj if isinstance(np_obj, type) else cupy._function(name, np_obj)
-    globals()[name] = obj
-    return obj
+    if isinstance(np_obj, type):
+        return np_obj
+    function = cupy._function(name, np_obj)
+
+    def needs_cusolver(*args, **kwargs):
+        _standin.require("cusolver")
+        return function(*args, **kwargs)
+    needs_cusolver.__name__ = name
+    globals()[name] = needs_cusolver
+    return needs_cusolver
