@@ -24,21 +24,15 @@ import minivit as mv
 from minivit import backend
 
 
-def synchronize():
-    """Wait for the GPU's queued work (nothing to wait for on NumPy)."""
-    if backend.default_device() == "cuda":
-        backend.module_for("cuda").cuda.Stream.null.synchronize()
-
-
 def best_of(fn, repeat, rounds=5):
     """Best mean time of `repeat` calls over a few rounds (seconds per call)."""
     best = float("inf")
     for _ in range(rounds):
-        synchronize()
+        backend.synchronize()
         start = time.perf_counter()
         for _ in range(repeat):
             fn()
-        synchronize()
+        backend.synchronize()
         best = min(best, (time.perf_counter() - start) / repeat)
     return best
 

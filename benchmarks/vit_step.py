@@ -28,11 +28,6 @@ from minivit.ops.basic import Affine, MatMul
 from minivit.optim import SGD
 
 
-def synchronize(device):
-    if device == "cuda":
-        backend.module_for("cuda").cuda.Stream.null.synchronize()
-
-
 def make_step(model, images, labels, lr=1e-3):
     optimizer = SGD(model.parameters(), lr=lr, momentum=0.0)     # fused: whole-buffer update
 
@@ -60,10 +55,10 @@ def standin_counts(step):
 def best_time(fn, device, repeat):
     times = []
     for _ in range(repeat):
-        synchronize(device)
+        backend.synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize(device)
+        backend.synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -133,10 +128,10 @@ def time_by_family(step, device):
         original = getattr(cls, method)
 
         def wrapper(self, *args):
-            synchronize(device)
+            backend.synchronize(device)
             start = time.perf_counter()
             out = original(self, *args)
-            synchronize(device)
+            backend.synchronize(device)
             spent[f"{family(cls)} {method}"] += time.perf_counter() - start
             return out
         setattr(cls, method, wrapper)
@@ -152,10 +147,10 @@ def time_by_family(step, device):
         if "backward" in vars(cls):
             timed(cls, "backward")
     try:
-        synchronize(device)
+        backend.synchronize(device)
         start = time.perf_counter()
         step()
-        synchronize(device)
+        backend.synchronize(device)
         total = time.perf_counter() - start
     finally:
         for cls, method, original in patched:

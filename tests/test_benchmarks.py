@@ -151,18 +151,21 @@ def test_gpu_report_smoke_has_every_section(tmp_path):
     report = out.read_text()
     assert report.strip() == result.stdout.strip()
     sections = re.split(r"^## \d\. ", report, flags=re.MULTILINE)[1:]
-    assert len(sections) == 5
+    assert len(sections) == 6
     statuses = dict(re.findall(r"(\w+) (ok|skipped|failed)", report.strip().splitlines()[-1]))
-    assert list(statuses) == ["gpu", "tests", "vit_step", "torch", "train"]
-    gpu, tests, vit_step, torch, train = sections
+    assert list(statuses) == ["gpu", "warmup", "tests", "vit_step", "torch", "train"]
+    gpu, warmup, tests, vit_step, torch, train = sections
 
     if CUPY_REASON is None:                     # a GPU, or the stand-in
         assert statuses["gpu"] == "ok" and re.search(r"\| CuPy \| \d+\.\d+", gpu)
+        assert statuses["warmup"] == "ok" and re.search(r"^\| cifar-tiny \| \d+ s \|$", warmup,
+                                                         re.MULTILINE), warmup
         assert re.search(r"\| CUDA runtime \| \d+\.\d+ \(\d+\)", gpu)
         step = re.search(r"A training step takes \*\*([\d.,]+) ms\*\*", vit_step)
         assert statuses["vit_step"] == "ok" and positive(step[1])
     else:                                       # the failures are in the report, with the reason
         assert statuses["gpu"] == "failed" and "**Failed**: BackendError" in gpu
+        assert statuses["warmup"] == "failed" and "exited with status 1" in warmup
         assert statuses["vit_step"] == "failed" and "exited with status 1" in vit_step
         assert "error: " in vit_step
 
@@ -192,10 +195,10 @@ def test_gpu_report_smoke_has_every_section(tmp_path):
 
 
 def test_gpu_report_without_data_skips_training_and_honours_skip(tmp_path):
-    result = run("benchmarks/gpu_report.py", "--smoke", "--skip", "gpu,tests,vit_step,torch",
+    result = run("benchmarks/gpu_report.py", "--smoke", "--skip", "gpu,warmup,tests,vit_step,torch",
                  "--data-dir", tmp_path / "nothing")
     assert result.returncode == 0, result.stderr
-    assert "## 5. CIFAR-10 training run" in result.stdout
+    assert "## 6. CIFAR-10 training run" in result.stdout
     assert "Skipped: --data-dir" in result.stdout
     assert "holds no cifar-10-batches-py" in result.stdout
     assert "## 1." not in result.stdout
@@ -210,7 +213,7 @@ def test_a_failing_section_is_reported_not_raised(tmp_path):
         raise ZeroDivisionError("a bug in a section")
     status, text = gpu_report.run_section("vit_step", broken, args, 10)
     assert status == "failed" and "**Failed**: ZeroDivisionError: a bug in a section" in text
-    assert text.startswith("## 3. ")
+    assert text.startswith("## 4. ")
 
     bad = tmp_path / "data" / "cifar-10-batches-py"       # a data folder of garbage
     bad.mkdir(parents=True)
@@ -228,3 +231,37 @@ def test_a_program_past_its_timeout_is_stopped(tmp_path):
         [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 1)
     assert status is None and "started" in output and "KeyboardInterrupt" in output
     assert time.monotonic() - start < 10
+
+
+def test_gpu_report_runs_where_git_is_missing(tmp_path):
+    """A GPU machine may have no git binary: the header says the commit is unknown."""
+    result = run("benchmarks/gpu_report.py", "--smoke", "--skip", "warmup,tests,vit_step,torch,train",
+                 PATH=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC on .*, minivit unknown;", result.stdout,
+                     re.MULTILINE), result.stdout
+    assert "Sections: gpu " in result.stdout
+
+
+def test_gpu_report_times_pytorch_in_fp32_and_with_tf32(monkeypatch):
+    """On a GPU each torch run goes twice: fp32, then TF32 matrix products on both sides
+    (CUPY_TF32=1 in the environment, --tf32 to torch_throughput.py)."""
+    gpu_report = load_gpu_report()
+    calls = []
+
+    def fake_run(cmd, timeout, env=None):
+        tf32 = "--tf32" in cmd
+        calls.append((tf32, (env or {}).get("CUPY_TF32")))
+        row = {"name": "minivit", "label": "minivit (CuPy)", "images_per_s": 100.0 * (1 + tf32),
+               "minivit_over_this": 1.0, "logits_max_difference": 0.0}
+        result = {"preset": "cifar-small", "batch": 256, "steps": 30, "parameters": 1,
+                  "device": "a GPU", "torch_version": "2", "logits_match": True,
+                  "rows": [row], "unavailable": []}
+        pathlib.Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(result))
+        return 0, ""
+    monkeypatch.setattr(gpu_report, "torch_probe", lambda timeout: ("2", True))
+    monkeypatch.setattr(gpu_report, "run", fake_run)
+    text = gpu_report.section_torch(gpu_report.parse_args([]), 600)
+    assert calls == [(False, None), (True, "1")]
+    assert "batch 256, fp32, timed" in text and "batch 256, TF32 matrix products" in text
+    assert "| minivit (CuPy) | 100 |" in text and "| minivit (CuPy) | 200 |" in text
