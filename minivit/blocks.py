@@ -1,23 +1,19 @@
-"""Row-wise computations on the CPU, a cache-sized block of rows at a time.
+"""Fast path (CPU): row-wise computations a cache-sized block of rows at a time.
 
 NumPy runs an expression such as GELU's x * (1 + erf(x / sqrt 2)) / 2 one whole-array
-operation at a time.  On a 13 MB activation each of its ~30 operations streams the
-whole array from main memory and back.  PyTorch fuses such a chain into one loop over
-the data; `map_rows` gets much of that in plain NumPy by running the chain on blocks
-of rows small enough (about 64K values, 256 KB of float32) that every temporary stays
-in the core's cache, so only the first read and the last write go to memory.
+operation at a time, each streaming the whole array from main memory and back.
+`map_rows` runs the same chain on blocks of rows small enough (about 64K values, 256 KB
+of float32) that every temporary stays in the core's cache, so only the first read and
+the last write go to memory.
 
 It needs `fn` to treat rows independently: elementwise functions, and reductions along
 the other axes (softmax over keys, attention per image and head).  Then every row goes
 through exactly the operations it would on the whole arrays, and the result is the same.
-On CuPy `fn` runs once on the whole arrays: a GPU kernel streams the data anyway, and
-blocks would only multiply the kernel launches.
-
-(Threads, one block each, were tried here too: NumPy lets go of Python's lock inside
-each operation, but on a 2-core machine they made a whole training step slower, the
-cores being busy with BLAS already.)
+The reference is fn(*arrays) itself, which is what runs on CuPy (a GPU kernel streams
+the data anyway; blocks would only multiply the launches) and with the "blocks" fast
+path off.
 """
-from minivit import backend
+from minivit import backend, fast
 
 BLOCK_VALUES = 1 << 16       # values of the largest input in one block (256 KB of float32)
 
@@ -39,7 +35,8 @@ def map_rows(fn, *arrays, block_values=None):
         raise ValueError(f"map_rows: every array needs the same length on axis 0, got shapes "
                          f"{[tuple(a.shape) for a in arrays]}")
     rows = max(block_values // max(max(a.size for a in arrays) // max(n, 1), 1), 1)
-    if rows >= n or any(backend.device_of(a) != "cpu" for a in arrays):
+    if rows >= n or not fast.enabled("blocks") or any(backend.device_of(a) != "cpu"
+                                                      for a in arrays):
         return fn(*arrays)
     outs = None
     for start in range(0, n, rows):

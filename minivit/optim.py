@@ -1,17 +1,19 @@
 """Optimisers, learning-rate schedules and gradient clipping.
 
-An optimiser puts its parameters into flat buffers, one per dtype and device
+Each optimiser's `update` is the textbook rule for one parameter tensor: the reference.
+An optimiser also puts its parameters into flat buffers, one per dtype and device
 (minivit.nn.module.ParameterBuffer): each parameter's .data and .grad are views into
-two long arrays, and its state (moment estimates) is arrays of the same length.  An
-update is then a handful of whole-buffer array operations, however many parameter
-tensors the model has -- on a GPU, a dozen kernel launches instead of a dozen per
-parameter.  The parameters it decays come first in the buffer, so weight decay is
-one slice.  State is saved and restored per parameter with state_dict() /
-load_state_dict() (plain arrays), so a run can resume exactly.
+two long arrays, and its state (moment estimates) is arrays of the same length.  Every
+rule is elementwise, so it holds for the whole buffer as for each tensor: the fast path
+`update_flat` is a handful of whole-buffer operations however many tensors the model
+has (on a GPU, a dozen kernel launches instead of a dozen per parameter).  The
+parameters it decays come first in the buffer, so weight decay is one slice.  State is
+saved and restored per parameter with state_dict() / load_state_dict() (plain arrays),
+so a run can resume exactly.
 """
 import math
 
-from minivit import backend
+from minivit import backend, fast
 from minivit.nn.module import ParameterBuffer
 
 
@@ -60,9 +62,22 @@ class Optimizer:
                                    "device or cast to another dtype after the optimiser was "
                                    "created; create the optimiser after model.to(...) / "
                                    "model.astype(...)")
-            self.update(buffer, state)
+            if fast.enabled("flat_optimizer"):
+                self.update_flat(buffer, state)
+                continue
+            for p, offset in zip(buffer.params, buffer.offsets):     # one tensor at a time
+                part = slice(offset, offset + p.size)
+                self.update(buffer.data[part].reshape(p.shape), buffer.grad[part].reshape(p.shape),
+                            {slot: a[part].reshape(p.shape) for slot, a in state.items()},
+                            offset < buffer.decayed)
 
-    def update(self, buffer, state):
+    def update(self, w, g, state, decays):
+        """The reference: one step of parameter tensor w (in place) with gradient g and
+        state arrays `state` (views, updated in place); `decays`: weight decay applies."""
+        raise NotImplementedError
+
+    def update_flat(self, buffer, state):
+        """Fast path: the same step on a whole flat buffer (decayed parameters first)."""
         raise NotImplementedError
 
     # --- saving and restoring -------------------------------------------------------
@@ -103,10 +118,10 @@ class Optimizer:
 class SGD(Optimizer):
     """Stochastic gradient descent with (heavy-ball) momentum and decoupled weight decay:
 
-        b <- momentum * b + g
+        b <- momentum * b + g                       (b starts at zero, so the first b is g)
         w <- w - lr * (b + weight_decay * w)
 
-    on the whole flat buffer at once (b starts at zero, so the first b is g).
+    (Nesterov momentum steps along g + momentum * b instead of b.)
     """
 
     slots = ("buffers",)
@@ -117,45 +132,47 @@ class SGD(Optimizer):
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         super().__init__(params, lr, no_decay)
 
-    def update(self, buffer, state):
-        g = buffer.grad
+    def update(self, w, g, state, decays):
+        if self.momentum:
+            b = state["buffers"]
+            b[...] = self.momentum * b + g
+            g = g + self.momentum * b if self.nesterov else b
+        if decays and self.weight_decay:
+            g = g + self.weight_decay * w
+        w -= self.lr * g
+
+    def update_flat(self, buffer, state):
+        w, g, n = buffer.data, buffer.grad, buffer.decayed
         if self.momentum:
             b = state["buffers"]
             b *= self.momentum
             b += g
             g = g + self.momentum * b if self.nesterov else b
-        n = buffer.decayed
         if self.weight_decay and n:
-            g = g.copy() if g is buffer.grad or g is state["buffers"] else g
-            g[:n] += self.weight_decay * buffer.data[:n]
-        buffer.data -= self.lr * g
+            w[:n] -= self.lr * (g[:n] + self.weight_decay * w[:n])
+            w[n:] -= self.lr * g[n:]
+        else:
+            w -= self.lr * g
 
 
 class AdamW(Optimizer):
-    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), per parameter tensor:
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), per parameter tensor,
+    at step t = 1, 2, ...:
 
         m <- b1 m + (1 - b1) g,          v <- b2 v + (1 - b2) g^2
         m_hat = m / (1 - b1^t),          v_hat = v / (1 - b2^t)
         w <- w - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)
 
-    Every line is elementwise, so it holds for the concatenation of all parameters as
-    well as for each one: with w, g, m, v the flat buffers (decayed parameters first, n
-    entries), the fused update is
-
-        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   w[:n] <- w[:n] - lr wd w[:n]
-        w <- w - s m / (sqrt(v) + eps_hat),   s = lr sqrt(1 - b2^t) / (1 - b1^t),
-                                              eps_hat = eps sqrt(1 - b2^t),
-
-    where m_hat / (sqrt(v_hat) + eps) = m sqrt(1 - b2^t) / ((1 - b1^t)(sqrt(v) + eps_hat)):
-    the bias corrections fold into two host scalars.  About a dozen array operations per
-    step for the whole model; each element sees the same operations in the same order
-    as in a per-tensor loop, so the two give identical results (a test checks it).
     The decay acts on w directly, not through g, so it is not rescaled by sqrt(v_hat).
     Parameters with fewer than two axes (biases, LayerNorm scales, ...) are not decayed
     when decay_matrices_only is set, as is usual for Transformers, and neither are the
     parameters listed in no_decay (for ViT: the [CLS] token and position embeddings,
     which are stored with extra axes but are not weight matrices; see
     VisionTransformer.no_weight_decay()).
+
+    The whole-buffer update folds the two bias corrections into host scalars:
+    m_hat / (sqrt(v_hat) + eps) = s m / (sqrt(v) + eps_hat) with
+    s = sqrt(1 - b2^t) / (1 - b1^t) and eps_hat = eps sqrt(1 - b2^t).
     """
 
     slots = ("m", "v")
@@ -170,7 +187,18 @@ class AdamW(Optimizer):
     def decays(self, p):
         return super().decays(p) and (p.ndim >= 2 or not self.decay_matrices_only)
 
-    def update(self, buffer, state):
+    def update(self, w, g, state, decays):
+        xp = backend.array_module(w)
+        b1, b2, t = self.b1, self.b2, self.steps
+        m, v = state["m"], state["v"]
+        m[...] = b1 * m + (1 - b1) * g
+        v[...] = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1 ** t)
+        v_hat = v / (1 - b2 ** t)
+        w -= self.lr * (m_hat / (xp.sqrt(v_hat) + self.eps)
+                        + (self.weight_decay * w if decays else 0))
+
+    def update_flat(self, buffer, state):
         xp = backend.array_module(buffer.data)
         w, g, m, v = buffer.data, buffer.grad, state["m"], state["v"]
         m *= self.b1
@@ -179,7 +207,7 @@ class AdamW(Optimizer):
         v += (1 - self.b2) * (g * g)
         t = self.steps
         step_size = self.lr * math.sqrt(1 - self.b2 ** t) / (1 - self.b1 ** t)
-        eps_hat = self.eps * math.sqrt(1 - self.b2 ** t)      # eps applied to sqrt(v_hat)
+        eps_hat = self.eps * math.sqrt(1 - self.b2 ** t)
         n = buffer.decayed
         if self.weight_decay and n:
             w[:n] -= (self.lr * self.weight_decay) * w[:n]
@@ -214,16 +242,15 @@ def clip_grad_norm(params, max_norm):
 
 
 def _flat_grads(params):
-    """The gradient arrays of `params`: whole flat buffers where the parameters fill them
-    exactly, else one array per parameter that has a gradient."""
-    params = list(params)
-    buffers = {id(p._buffer): p._buffer for p in params if getattr(p, "_buffer", None)}
-    ids = {id(p) for p in params}
-    if buffers and all(getattr(p, "_buffer", None) for p in params) and \
-            sum(len(b.params) for b in buffers.values()) == len(ids) and \
-            all(id(q) in ids for b in buffers.values() for q in b.params):
+    """The gradient arrays of `params`: the whole flat buffers when `params` are exactly
+    the parameters they hold (the fast path), else one array per parameter."""
+    params = {id(p): p for p in params}
+    buffers = {id(b): b for b in (getattr(p, "_buffer", None) for p in params.values())
+               if b is not None}
+    if fast.enabled("flat_optimizer") and buffers and \
+            sorted(id(q) for b in buffers.values() for q in b.params) == sorted(params):
         return [b.grad for b in buffers.values()]
-    return [p.grad for p in params if p.grad is not None]
+    return [p.grad for p in params.values() if p.grad is not None]
 
 
 def warmup_cosine(step, total_steps, warmup_steps, base_lr, final_lr=0.0):

@@ -163,7 +163,7 @@ class GELUForgetsTheDensity(GELU):
     """Wrong on purpose: dx = g Phi(x), the product rule's x phi(x) term dropped."""
 
     def backward(self, g):
-        return g * self.cdf
+        return g * self.saved                          # Phi(x) alone
 
 
 def test_gradcheck_catches_a_gelu_without_the_density_term(device, rng):

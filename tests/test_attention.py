@@ -247,7 +247,7 @@ class NoScaleInDq(ScaledDotProductAttention):
     """Forgets the 1/sqrt(D_h) in dq = c dS k."""
     def backward(self, g):
         dq, dk, dv = super().backward(g)
-        return dq / self.scale, dk, dv
+        return dq * math.sqrt(self.q.shape[-1]), dk, dv
 
 
 class SoftmaxWithoutRowSum(ScaledDotProductAttention):
@@ -257,7 +257,8 @@ class SoftmaxWithoutRowSum(ScaledDotProductAttention):
         da = g @ self.v.swapaxes(-1, -2)
         da = da if self.mask is None else da * self.mask
         ds = self.weights * da
-        return ((ds @ self.k) * self.scale, (ds.swapaxes(-1, -2) @ self.q) * self.scale,
+        c = 1 / math.sqrt(self.q.shape[-1])
+        return ((ds @ self.k) * c, (ds.swapaxes(-1, -2) @ self.q) * c,
                 a_drop.swapaxes(-1, -2) @ g)
 
 

@@ -26,7 +26,7 @@ from minivit.nn.layers import (GELU, Dropout, LayerNorm, Linear, RandomSource, h
 from minivit.nn.module import Module, Parameter
 from minivit.nn.resnet import (GROUPS, ResNetStem, count_stem_parameters, feature_size,
                                resnet_width, stem_channels)
-from minivit.ops.activation import GELU_APPROXIMATIONS
+from minivit.ops.activation import GELU_APPROXIMATIONS, dropout_mask
 from minivit.ops.attention import self_attention
 from minivit.ops.basic import broadcast_to, concatenate, tanh
 from minivit.ops.patch import patch_embed
@@ -214,7 +214,10 @@ class PatchEmbedding(Module):
 
 
 class MultiHeadSelfAttention(Module):
-    """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with [q, k, v] = z U_qkv (Appendix A)."""
+    """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with [q, k, v] = z U_qkv (Appendix A).
+
+    With keep_weights set, each forward pass leaves its attention weights A
+    (B, heads, T, T) on `self.weights` (VisionTransformer.features sets it)."""
 
     def __init__(self, hidden_size, num_heads, attention_dropout, rng, random_source):
         self.num_heads = num_heads
@@ -222,21 +225,19 @@ class MultiHeadSelfAttention(Module):
         self.random_source = random_source
         self.qkv = Linear(hidden_size, 3 * hidden_size, rng)        # U_qkv: (D, 3D)
         self.out = Linear(hidden_size, hidden_size, rng)            # U_msa: (D, D)
+        self.keep_weights, self.weights = False, None
 
-    def forward(self, z, return_weights=False):
+    def forward(self, z):
         B, T, D = z.shape
-        qkv = self.qkv(z)
         mask = None
         if self.training and self.attention_dropout > 0:
-            p = self.attention_dropout
-            rng = self.random_source.get(z.device)
-            keep = rng.random((B, self.num_heads, T, T), dtype="float32") >= p
-            mask = keep.astype(z.dtype) / (1 - p)
-        out = self_attention(qkv, self.num_heads, dropout_mask=mask,
-                             return_weights=return_weights)         # Eq. 5-7, heads merged
-        out, weights = out if return_weights else (out, None)
-        y = self.out(out)
-        return (y, weights) if return_weights else y
+            mask = dropout_mask(self.random_source.get(z.device), (B, self.num_heads, T, T),
+                                self.attention_dropout, z.dtype)
+        heads = self_attention(self.qkv(z), self.num_heads, mask,
+                               return_weights=self.keep_weights)    # Eq. 5-7, heads merged
+        if self.keep_weights:
+            heads, self.weights = heads
+        return self.out(heads)                                      # Eq. 8
 
 
 class MLP(Module):
@@ -265,12 +266,10 @@ class EncoderBlock(Module):
         self.norm2 = LayerNorm(c.hidden_size)
         self.mlp = MLP(c.hidden_size, c.mlp_dim, c.dropout, c.gelu, rng, random_source)
 
-    def forward(self, z, return_weights=False):
-        a = self.attn(self.norm1(z), return_weights=return_weights)
-        a, weights = a if return_weights else (a, None)
-        z = self.drop(a) + z                              # Eq. 2
-        z = self.mlp(self.norm2(z)) + z                   # Eq. 3
-        return (z, weights) if return_weights else z
+    def forward(self, z):
+        z = self.drop(self.attn(self.norm1(z))) + z                 # Eq. 2
+        z = self.mlp(self.norm2(z)) + z                             # Eq. 3
+        return z
 
 
 class VisionTransformer(Module):
@@ -338,18 +337,20 @@ class VisionTransformer(Module):
     def features(self, images, return_attention=False):
         """The normalised representation the head reads (Eq. 4), (B, D); with
         return_attention=True also each block's attention weights (B, heads, T, T)."""
-        z = self.embed(images)
-        maps = []
         for block in self.blocks:
-            z = block(z, return_weights=return_attention)
-            if return_attention:
-                z, weights = z
-                maps.append(weights)
+            block.attn.keep_weights, block.attn.weights = return_attention, None
+        z = self.embed(images)
+        for block in self.blocks:
+            z = block(z)
         z = self.norm(z)
         y = z[:, 0] if self.config.classifier == "token" else z.mean(axis=1)
-        return (y, maps) if return_attention else y
+        if return_attention:
+            return y, [block.attn.weights for block in self.blocks]
+        return y
 
     def forward(self, images, return_attention=False):
+        """Logits (B, num_classes); with return_attention=True also the attention weights
+        of each block, as features gives them."""
         y = self.features(images, return_attention)
         y, maps = y if return_attention else (y, None)
         if self.pre_logits is not None:

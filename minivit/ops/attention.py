@@ -10,20 +10,19 @@ and k heads side by side, each with its own q, k, v of width D_h = D / k:
 
     MSA(z) = [SA_1(z); SA_2(z); ...; SA_k(z)] U_msa      (Eq. 8)
 
-The heads are a batch axis: z U_qkv for all heads at once is one (D, 3D) matmul,
-`split_heads` turns (B, T, D) into (B, heads, T, D_h), the fused `attention` runs
-every head of every image in two batched matmuls, and `merge_heads` puts the heads
-side by side again.  Built that way only `attention` needs a hand-written backward;
-the rest is matmul, add, reshape and transpose from minivit.ops.basic.  The model
-calls `self_attention` instead, the same computation as one node that reads q, k, v
-in place from z U_qkv and writes their gradients into one array (no copies of the
-head splits).
+The heads are a batch axis: z U_qkv for all heads at once is one (D, 3D) product,
+`split_heads` turns (B, T, D) into (B, heads, T, D_h), `attention` runs every head of
+every image in two batched products, and `merge_heads` puts the heads side by side
+again.  That is the reference: only `attention` needs a hand-written backward, the rest
+is affine, reshape and transpose.  The fast path, FusedSelfAttention, is the same
+computation as one node that reads q, k, v in place from z U_qkv.
 """
 import math
 
-from minivit import backend
+from minivit import backend, fast
 from minivit.autograd import Function, Tensor, as_tensor
 from minivit.blocks import map_rows
+from minivit.ops.activation import softmax_array
 from minivit.ops.basic import affine, reshape, row_sum, swapaxes
 
 
@@ -36,8 +35,7 @@ class ScaledDotProductAttention(Function):
     code and timm.  Without a mask A' = A.  Forward, with c = 1/sqrt(D_h):
 
         S  = c q k^T                  scores, (..., T_q, T_k)
-        A  = softmax(S) by rows       computed as exp(S - m) / sum exp(S - m), m the
-                                      rows' maxima (on the CPU the head's: _softmax)
+        A  = softmax(S) by rows
         A' = A * M
         out = A' v
 
@@ -52,14 +50,8 @@ class ScaledDotProductAttention(Function):
                       =>  dS = A * (dA - sum(dA * A, axis=-1, keepdims=True))
         S = c q k^T   =>  dq = c dS k,   dk = c dS^T q
 
-    The row sum in dS need not touch a T_q x T_k array: since dA' = g v^T,
-        sum_j dA_ij A_ij = sum_j (g_i . v_j) A'_ij = g_i . (sum_j A'_ij v_j) = g_i . out_i,
-    a dot product of two D_v-vectors per row (the "D" term of FlashAttention's backward;
-    it holds with the mask too).  Subtracting the row maximum shifts each row of S by a
-    constant, which softmax ignores, so it adds no term to the gradient.  forward keeps
-    q, k, v, A, M and out for backward; A (before dropout) stays on `self.weights` for
-    inspection and visualisation.  Both passes run a block of images at a time on the
-    CPU (minivit/blocks.py), so the T x T arrays of a block stay in the cache.
+    forward keeps q, k, v, A and M for backward; A (before dropout) stays on
+    `self.weights` for inspection and visualisation.
     """
 
     def __init__(self, dropout_mask=None):
@@ -68,67 +60,152 @@ class ScaledDotProductAttention(Function):
     def forward(self, q, k, v):
         _check_qkv(q, k, v)
         self.mask = _check_mask(self.mask, q.shape[:-1] + k.shape[-2:-1], q)
-        self.scale = 1.0 / math.sqrt(q.shape[-1])
-        out, self.weights = _by_rows(_attention_forward, q, k, v, self.mask)
-        self.q, self.k, self.v, self.out = q, k, v, out
-        return out
+        c = 1 / math.sqrt(q.shape[-1])
+        s = c * (q @ k.swapaxes(-1, -2))                      # S = c q k^T
+        self.weights = softmax_array(s)                       # A
+        self.q, self.k, self.v = q, k, v
+        return self._dropped(self.weights) @ v                # A' v
+
+    def _dropped(self, a):
+        return a if self.mask is None else a * self.mask      # A' = A * M
 
     def backward(self, g):
-        return _by_rows(_attention_backward, g, self.q, self.k, self.v, self.weights,
-                        self.mask, self.out)
+        q, k, v, a = self.q, self.k, self.v, self.weights
+        c = 1 / math.sqrt(q.shape[-1])
+        dv = self._dropped(a).swapaxes(-1, -2) @ g            # dv = A'^T g
+        da = self._dropped(g @ v.swapaxes(-1, -2))            # dA = (g v^T) * M
+        ds = a * (da - row_sum(da * a, keepdims=True))        # dS
+        dq = c * (ds @ k)
+        dk = c * (ds.swapaxes(-1, -2) @ q)
+        return dq, dk, dv
 
 
-class SelfAttention(Function):
-    """[SA_1(z); ...; SA_k(z)] of Eq. 8 from [q, k, v] = z U_qkv (B, T, 3D), one node.
+class FusedSelfAttention(Function):
+    """Fast path: split_heads -> attention -> merge_heads of Eq. 5-8 as one node, from
+    qkv = z U_qkv (B, T, 3D); the composition copies each head split and adds three
+    zero-padded gradients of the whole of qkv.
 
-    The same computation as split_heads on each third of qkv, `attention`, then
-    merge_heads, but q, k and v are read in place as strided views of qkv and the
-    backward writes dq, dk and dv straight into one (B, T, 3D) gradient, where the
-    composition would copy each head split and add three zero-padded gradients of the
-    whole of qkv.  The attention is ScaledDotProductAttention's (same derivation).
+    q, k and v are strided views of qkv, laid out (3, B, heads, T, D_h) by one reshape
+    and transpose, and the backward writes dq, dk and dv straight into one (B, T, 3D)
+    gradient.  The attention is ScaledDotProductAttention's, with three changes that
+    give the same values:
+      - the row sum of the backward, sum_j dA_ij A_ij, is taken as g_i . out_i: since
+        dA' = g v^T, sum_j dA_ij A_ij = sum_j (g_i . v_j) A'_ij = g_i . (sum_j A'_ij v_j),
+        a dot product of two D_h-vectors per row instead of a sum over T_k (the "D" term
+        of FlashAttention's backward; it holds with the mask too);
+      - on the CPU, a block of images at a time (minivit/blocks.py), with the softmax
+        shifted once per head (softmax_head_shift) and k^T, v^T made contiguous
+        (contiguous_transpose);
+      - softmax is computed in place where the reference makes new arrays.
     """
 
     def __init__(self, num_heads, dropout_mask=None):
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"self_attention: num_heads must be a positive integer, got "
-                             f"{num_heads!r}")
         self.num_heads, self.mask = num_heads, _mask_array(dropout_mask)
 
     def _heads(self, x, parts):
-        """(..., T, parts * D) -> (parts, ..., heads, T, D_h), a view."""
-        *lead, T, width = x.shape
-        n = len(lead)
-        x = x.reshape(*lead, T, parts, self.num_heads, width // parts // self.num_heads)
-        return x.transpose((n + 1,) + tuple(range(n)) + (n + 2, n, n + 3))
+        """(B, T, parts * D) -> (parts, B, heads, T, D_h), a view."""
+        B, T, width = x.shape
+        return x.reshape(B, T, parts, self.num_heads, width // parts // self.num_heads) \
+                .transpose(2, 0, 3, 1, 4)
 
     def forward(self, qkv):
-        if qkv.ndim < 2 or qkv.shape[-1] % 3:
-            raise ValueError(f"self_attention expects qkv of shape (..., T, 3D), got "
-                             f"{tuple(qkv.shape)}")
-        if qkv.shape[-1] // 3 % self.num_heads:
-            raise ValueError(f"self_attention: the width D={qkv.shape[-1] // 3} is not "
-                             f"divisible by num_heads={self.num_heads}")
         q, k, v = self._heads(qkv, 3)
         _check_qkv(q, k, v)
         self.mask = _check_mask(self.mask, q.shape[:-1] + k.shape[-2:-1], q)
 
         def block(q, k, v, mask):
-            out, a = _attention_forward(q, k, v, mask)
-            return out.swapaxes(-3, -2), a                         # (..., T, heads, D_h)
+            out, a = _fused_forward(q, k, v, mask)
+            return out.swapaxes(1, 2), a                           # (b, T, heads, D_h)
         out, self.weights = _by_rows(block, q, k, v, self.mask)
         self.qkv, self.y = qkv, out.reshape(qkv.shape[:-1] + (-1,))
         return self.y                                              # heads side by side
 
     def backward(self, g):
         q, k, v = self._heads(self.qkv, 3)
-        (out,), (g,) = self._heads(self.y, 1), self._heads(g, 1)   # (..., heads, T, D_h)
-        n = g.ndim - 3
+        (out,), (g,) = self._heads(self.y, 1), self._heads(g, 1)   # (B, heads, T, D_h)
 
         def block(g, q, k, v, a, mask, out):
-            grads = backend.array_module(g).stack(_attention_backward(g, q, k, v, a, mask, out))
-            return grads.transpose(tuple(range(1, n + 1)) + (n + 2, 0, n + 1, n + 3))
+            grads = backend.array_module(g).stack(_fused_backward(g, q, k, v, a, mask, out))
+            return grads.transpose(1, 3, 0, 2, 4)                  # (b, T, 3, heads, D_h)
         dqkv = _by_rows(block, g, q, k, v, self.weights, self.mask, out)
-        return dqkv.reshape(self.qkv.shape)        # from (..., T, 3, heads, D_h): [q | k | v]
+        return dqkv.reshape(self.qkv.shape)                        # [dq | dk | dv]
+
+
+def _fused_forward(q, k, v, mask):
+    """(out, A): ScaledDotProductAttention's forward on raw arrays, for the fused node."""
+    s = (q * (1 / math.sqrt(q.shape[-1]))) @ contiguous_transpose(k)   # S = c q k^T
+    a = softmax_head_shift(s) if _cpu_fast(s, "head_shift") else _softmax_in_place(s)
+    return (a if mask is None else a * mask) @ v, a
+
+
+def _fused_backward(g, q, k, v, a, mask, out):
+    """(dq, dk, dv) on raw arrays, for the fused node (row sum as g . out)."""
+    c = 1 / math.sqrt(q.shape[-1])
+    dv = (a if mask is None else a * mask).swapaxes(-1, -2) @ g
+    da = g @ contiguous_transpose(v)
+    if mask is not None:
+        da *= mask
+    da -= row_sum(g * out, keepdims=True)         # dA - sum_j dA_ij A_ij = dA - g_i . out_i
+    ds = da
+    ds *= a                                       # dS = A * (dA - ...), in place
+    return ds @ (k * c), ds.swapaxes(-1, -2) @ (q * c), dv
+
+
+def _cpu_fast(x, name):
+    return fast.enabled(name) and backend.device_of(x) == "cpu"
+
+
+def _softmax_in_place(s):
+    """softmax over the last axis of s, shifted by the rows' maxima, overwriting s."""
+    s -= s.max(axis=-1, keepdims=True)
+    e = backend.array_module(s).exp(s, out=s)
+    e /= row_sum(e, keepdims=True)
+    return e
+
+
+def softmax_head_shift(s):
+    """Fast path (CPU): softmax over the last axis of scores s (..., T_q, T_k) shifted by
+    each head's largest score, one reduction over T_q x T_k where the rows' maxima are
+    T_q short ones.
+
+    exp(s - m) / sum exp(s - m) is the same for any shift m of a row, and with m the
+    head's largest score every exp is still <= 1.  It is just as safe as the rows'
+    maxima unless some row lies more than ~80 below it: then that row's exps would fall
+    towards float32's underflow.  Its sum tells (sum >= the row's largest exp), so
+    such a head's rows are shifted by their own maxima instead (it reads the sums'
+    minimum, so it is for the CPU, where that costs no device read).
+    """
+    e = backend.array_module(s).exp(s - s.max(axis=(-2, -1), keepdims=True))
+    sums = row_sum(e, keepdims=True)
+    if sums.min() > s.shape[-1] * _SMALLEST_EXP:              # every row's largest exp
+        e /= sums                                             # is >= e^-80: normal
+        return e
+    return _softmax_in_place(s)
+
+
+_SMALLEST_EXP = math.exp(-80)     # well above float32's smallest normal number, 1.2e-38
+
+
+def contiguous_transpose(x):
+    """x^T (the last two axes swapped) as a right-hand matmul operand.  Fast path (CPU):
+    a contiguous copy, as OpenBLAS multiplies by the transpose of a small matrix at
+    about half speed; elsewhere the view."""
+    xt = x.swapaxes(-1, -2)
+    return backend.array_module(x).ascontiguousarray(xt) if _cpu_fast(x, "contiguous_transposes") \
+        else xt
+
+
+def _by_rows(body, *arrays):
+    """body(*arrays) a block of the leading (batch) axis at a time (minivit/blocks.py);
+    arrays that are None pass through to every block."""
+    present = [i for i, a in enumerate(arrays) if a is not None]
+
+    def on_block(*blocks):
+        full = list(arrays)
+        for i, block in zip(present, blocks):
+            full[i] = block
+        return body(*full)
+    return map_rows(on_block, *(arrays[i] for i in present))
 
 
 def _mask_array(dropout_mask):
@@ -148,77 +225,6 @@ def _check_mask(mask, expected, q):
         raise ValueError(f"attention: dropout_mask has shape {tuple(mask.shape)}, expected "
                          f"the attention weights' shape {expected} (..., T_q, T_k)")
     return mask.astype(q.dtype, copy=False)       # a float64 or bool mask: keep float32
-
-
-def _attention_forward(q, k, v, mask):
-    """(out, A) on raw arrays: the forward pass of ScaledDotProductAttention."""
-    s = (q * (1.0 / math.sqrt(q.shape[-1]))) @ _transposed(k)       # S = c q k^T, c on q
-    a = _softmax(s)
-    return (a if mask is None else a * mask) @ v, a
-
-
-def _softmax(s):
-    """softmax over the last axis of scores s (..., T_q, T_k), overwriting s.
-
-    exp(s - m) / sum exp(s - m) is the same for any shift m of a row; subtracting the
-    row's maximum keeps every exp <= 1 (no overflow) with its largest term exactly 1.
-    On the CPU one shift per head, the largest score of its whole T_q x T_k matrix, is
-    5-10 times cheaper than the rows' maxima (NumPy reduces a short row at a time) and
-    just as safe unless some row lies more than ~80 below it: then that row's exps
-    would fall towards float32's underflow.  Its sum tells (sum >= the row's largest
-    exp), so such a head's rows are shifted by their own maxima instead.  On the GPU
-    the rows' maxima are one kernel, and the check would read the device.
-    """
-    xp = backend.array_module(s)
-    if backend.device_of(s) == "cpu":
-        e = xp.exp(s - s.max(axis=(-2, -1), keepdims=True))
-        sums = row_sum(e)
-        if sums.min() > s.shape[-1] * _SMALLEST_EXP:             # every row's largest exp
-            e /= sums[..., None]                                 # is >= e^-80: normal
-            return e
-    s -= s.max(axis=-1, keepdims=True)
-    e = xp.exp(s)
-    e /= row_sum(e)[..., None]
-    return e
-
-
-_SMALLEST_EXP = math.exp(-80)     # well above float32's smallest normal number, 1.2e-38
-
-
-def _attention_backward(g, q, k, v, a, mask, out):
-    """(dq, dk, dv) on raw arrays: the backward pass of ScaledDotProductAttention."""
-    c = 1.0 / math.sqrt(q.shape[-1])
-    dv = (a if mask is None else a * mask).swapaxes(-1, -2) @ g
-    da = g @ _transposed(v)
-    if mask is not None:
-        da *= mask
-    da -= row_sum(g * out)[..., None]             # dA - sum_j dA_ij A_ij = dA - g_i . out_i
-    da *= a                                       # dS
-    return da @ (k * c), da.swapaxes(-1, -2) @ (q * c), dv
-
-
-def _transposed(x):
-    """x^T (the last two axes swapped) as a right-hand matmul operand.  On the CPU a
-    contiguous copy: OpenBLAS multiplies by the transpose of a small matrix at about
-    half the speed, more than the copy costs.  On the GPU the view (cuBLAS reads it as
-    it is)."""
-    xt = x.swapaxes(-1, -2)
-    return backend.array_module(x).ascontiguousarray(xt) if backend.device_of(x) == "cpu" else xt
-
-
-def _by_rows(body, *arrays):
-    """body(*arrays) a block of the leading (batch) axis at a time (minivit/blocks.py);
-    arrays that are None pass through to every block."""
-    present = [i for i, a in enumerate(arrays) if a is not None]
-
-    def on_block(*blocks):
-        full = list(arrays)
-        for i, block in zip(present, blocks):
-            full[i] = block
-        return body(*full)
-    if arrays[0].ndim < 3:
-        return body(*arrays)
-    return map_rows(on_block, *(arrays[i] for i in present))
 
 
 def _check_qkv(q, k, v):
@@ -256,13 +262,28 @@ def attention(q, k, v, dropout_mask=None, return_weights=False):
 
 def self_attention(qkv, num_heads, dropout_mask=None, return_weights=False):
     """[SA_1(z); ...; SA_k(z)] (B, T, D) from qkv = z U_qkv + b_qkv (B, T, 3D), whose
-    columns are [q | k | v], each D wide and head after head (see multi_head_attention).
-    The same values as merge_heads(attention(q, k, v)) with q, k, v = split_heads of each
-    third, in one node that copies no head split (SelfAttention).  dropout_mask and
+    columns are [q | k | v], each D wide and head after head (see multi_head_attention):
+    split_heads of each third, attention, merge_heads (Eq. 5-7).  dropout_mask and
     return_weights as for `attention`.
     """
-    fn = SelfAttention(num_heads, dropout_mask)
-    out = fn(qkv)
+    qkv = as_tensor(qkv)
+    if qkv.ndim < 2 or qkv.shape[-1] % 3:
+        raise ValueError(f"self_attention expects qkv of shape (..., T, 3D), got "
+                         f"{tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"self_attention: num_heads must be a positive integer, got "
+                         f"{num_heads!r}")
+    d = qkv.shape[-1] // 3
+    if d % num_heads:
+        raise ValueError(f"self_attention: the width D={d} is not divisible by "
+                         f"num_heads={num_heads}")
+    if fast.enabled("fused_attention") and qkv.ndim == 3:
+        fn = FusedSelfAttention(num_heads, dropout_mask)
+        out = fn(qkv)
+    else:
+        q, k, v = (split_heads(qkv[..., i * d:(i + 1) * d], num_heads) for i in range(3))
+        fn = ScaledDotProductAttention(dropout_mask)
+        out = merge_heads(fn(q, k, v))
     return (out, Tensor(fn.weights)) if return_weights else out
 
 

@@ -8,7 +8,7 @@ Broadcasting: when a binary op broadcasts an input of shape s to the output's
 shape, each input value was copied to several outputs, so its gradient is the
 sum over those copies.  `unbroadcast(g, s)` does that sum, for every binary op.
 """
-from minivit import backend
+from minivit import backend, fast
 from minivit.autograd import Function, Tensor, as_tensor
 
 array_module = backend.array_module
@@ -31,28 +31,35 @@ def unbroadcast(g, shape):
     return g
 
 
-def row_sum(x):
-    """The sum over the last axis.  On the CPU as the matrix-vector product x (1, ..., 1):
-    for rows as short as a token's features or an attention row, BLAS does this several
-    times faster than x.sum(axis=-1), which NumPy runs as one short loop per row.  On the
-    GPU a reduction is one kernel, and the ones vector would be another."""
-    if backend.device_of(x) != "cpu":
-        return x.sum(axis=-1)
-    return x @ array_module(x).ones(x.shape[-1], dtype=x.dtype)
+def row_sum(x, keepdims=False):
+    """The sum over the last axis (kept as length 1 with keepdims)."""
+    if fast.enabled("blas_sums") and backend.device_of(x) == "cpu":
+        s = _row_sum_blas(x)
+    else:
+        s = x.sum(axis=-1)
+    return s[..., None] if keepdims else s
 
 
-def row_mean(x):
-    """The mean over the last axis: row_sum(x) / D."""
-    return row_sum(x) / x.shape[-1]
+def row_mean(x, keepdims=False):
+    """The mean over the last axis (kept as length 1 with keepdims)."""
+    return row_sum(x, keepdims) / x.shape[-1]
 
 
 def column_sum(x):
-    """The sum over every axis but the last: on the CPU (1, ..., 1) X, with x seen as a
-    (rows, D) matrix X, one BLAS call as in row_sum (e.g. a bias gradient, summed over
-    every token)."""
+    """The sum over every axis but the last."""
+    if fast.enabled("blas_sums") and backend.device_of(x) == "cpu":
+        return _column_sum_blas(x)
+    return x.reshape(-1, x.shape[-1]).sum(axis=0)
+
+
+def _row_sum_blas(x):
+    """Fast path (CPU): x (1, ..., 1), one BLAS call; NumPy sums short rows one at a time."""
+    return x @ array_module(x).ones(x.shape[-1], dtype=x.dtype)
+
+
+def _column_sum_blas(x):
+    """Fast path (CPU): (1, ..., 1) X with x as a (rows, D) matrix X, one BLAS call."""
     rows = x.reshape(-1, x.shape[-1])
-    if backend.device_of(x) != "cpu":
-        return rows.sum(axis=0)
     return array_module(x).ones(rows.shape[0], dtype=x.dtype) @ rows
 
 
@@ -415,24 +422,16 @@ class MatMul(Function):
 
 
 class Affine(Function):
-    """y = x W + b over the last axis of x: (..., in) -> (..., out), a Linear layer's
-    product and bias as one node.
+    """Fast path: y = x W + b (a Linear layer) as one node, where the reference is
+    matmul(x, W) + b; one product over all tokens, and db as column sums.
 
     The leading axes are folded into one, so the whole batch of tokens is a single
     (rows, in) @ (in, out) matrix product X W.  With G = dL/dY seen as (rows, out), the
     matmul rule gives dX = G W^T and dW = X^T G, and b was added to every row, so db is
-    G summed over the rows (column_sum: one more BLAS call).  The bias is added in place
-    to the product, and nothing is broadcast and summed back as `x @ w + b` would do.
+    G summed over the rows: the sum that unbroadcast would take, without a broadcast.
     """
 
     def forward(self, x, w, b=None):
-        if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[0]:
-            raise ValueError(f"affine: x of shape {tuple(x.shape)} and W of shape "
-                             f"{tuple(w.shape)} do not match: expected x (..., in) and W "
-                             f"(in, out)")
-        if b is not None and tuple(b.shape) != w.shape[1:]:
-            raise ValueError(f"affine: b has shape {tuple(b.shape)}, expected ({w.shape[1]},) "
-                             f"for W of shape {tuple(w.shape)}")
         self.x_shape, self.w = x.shape, w
         self.x = x.reshape(-1, w.shape[0])                    # (rows, in)
         y = self.x @ w
@@ -508,4 +507,15 @@ def concatenate(xs, axis=0):
 
 def affine(x, w, b=None):
     """x W + b over the last axis of x (b may be None): a Linear layer's computation."""
-    return Affine()(x, w) if b is None else Affine()(x, w, b)
+    x, w = as_tensor(x), as_tensor(w)
+    if w.ndim != 2 or x.ndim == 0 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"affine: x of shape {tuple(x.shape)} and W of shape "
+                         f"{tuple(w.shape)} do not match: expected x (..., in) and W "
+                         f"(in, out)")
+    if b is not None and tuple(b.shape) != tuple(w.shape[1:]):
+        raise ValueError(f"affine: b has shape {tuple(b.shape)}, expected ({w.shape[1]},) "
+                         f"for W of shape {tuple(w.shape)}")
+    if fast.enabled("affine"):
+        return Affine()(x, w) if b is None else Affine()(x, w, b)
+    y = matmul(x, w)
+    return y if b is None else y + b

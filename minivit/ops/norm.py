@@ -21,9 +21,7 @@ class LayerNorm(Function):
     and summing g_i times that over i,
         dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma.
     The two means remove from g its component along the all-ones vector (what mu
-    absorbs) and along x_hat (what sigma absorbs).  On the CPU the means over the D
-    features and the sums over the tokens are BLAS products with a ones vector
-    (row_mean, column_sum in ops/basic.py), much faster than NumPy's short per-row loops.
+    absorbs) and along x_hat (what sigma absorbs).
     """
 
     def __init__(self, eps=1e-6):
@@ -39,22 +37,20 @@ class LayerNorm(Function):
                                  f"last axis of x (shape {tuple(x.shape)}), got "
                                  f"{tuple(p.shape)}")
         xp = array_module(x)
-        centred = x - row_mean(x)[..., None]
-        self.inv_sigma = (1 / xp.sqrt(row_mean(centred * centred) + self.eps))[..., None]
-        self.x_hat = centred
-        self.x_hat *= self.inv_sigma
+        mu = row_mean(x, keepdims=True)
+        centred = x - mu
+        sigma = xp.sqrt(row_mean(centred * centred, keepdims=True) + self.eps)
+        self.inv_sigma = 1 / sigma
+        self.x_hat = centred * self.inv_sigma
         self.gamma = gamma
         self.dtypes = x.dtype, gamma.dtype, beta.dtype
-        y = self.x_hat * gamma
-        y += beta
-        return y
+        return self.x_hat * gamma + beta
 
     def backward(self, dy):
         x_hat = self.x_hat
-        g = dy * self.gamma
-        dx = g - row_mean(g)[..., None]
-        dx -= x_hat * row_mean(g * x_hat)[..., None]
-        dx *= self.inv_sigma
+        g = dy * self.gamma                                   # dL/dx_hat
+        dx = (g - row_mean(g, keepdims=True) - x_hat * row_mean(g * x_hat, keepdims=True)) \
+            * self.inv_sigma
         dgamma = column_sum(dy * x_hat)
         dbeta = column_sum(dy)
         return tuple(grad.astype(dtype, copy=False)
