@@ -2,6 +2,9 @@
 
     python benchmarks/vit_step.py [--preset cifar-small] [--batch 128] [--backend numpy]
     python benchmarks/vit_step.py --preset cifar-tiny --batch 4 --repeat 1     # for tests
+    python benchmarks/vit_step.py --reference              # every fast path off
+    python benchmarks/vit_step.py --without blocks,affine  # these fast paths off
+    python benchmarks/vit_step.py --gains                  # each fast path's share of a step
 
 A step is forward, cross-entropy, backward and a parameter update (plain SGD: the
 update is a few elementwise passes whatever the optimiser).  The floor is the time
@@ -12,6 +15,11 @@ g v^T, dS k and dS^T q backward), run back to back on raw arrays.  The share of 
 timing every Function's forward and backward during one step.  On CuPy every timing
 is bracketed by device synchronisations, so it counts the GPU's work, not just the
 kernel launches; the per-op shares then include one synchronisation per op.
+
+--gains measures what each fast path of minivit/fast.py is worth: the step with every
+fast path on, with each one off in turn, and with all of them off, in rounds that
+alternate the settings (so a machine's drift spreads over all of them), keeping each
+setting's best time.
 """
 import argparse
 import collections
@@ -21,9 +29,9 @@ import time
 import numpy as np
 
 import minivit as mv
-from minivit import backend
+from minivit import backend, fast
 from minivit.autograd import Function
-from minivit.ops.attention import ScaledDotProductAttention, SelfAttention
+from minivit.ops.attention import FusedSelfAttention, ScaledDotProductAttention
 from minivit.ops.basic import Affine, MatMul
 from minivit.optim import SGD
 
@@ -69,7 +77,7 @@ def record_matmuls(step):
     backward are batched matmuls too."""
     pairs, triples = [], []
     originals = {cls: cls.forward for cls in (MatMul, Affine, ScaledDotProductAttention,
-                                              SelfAttention)}
+                                              FusedSelfAttention)}
 
     def record_matmul(self, a, b):
         pairs.append((a, b))
@@ -85,10 +93,10 @@ def record_matmuls(step):
 
     def record_self_attention(self, qkv):
         triples.append(tuple(self._heads(qkv, 3)))
-        return originals[SelfAttention](self, qkv)
+        return originals[FusedSelfAttention](self, qkv)
     MatMul.forward, Affine.forward = record_matmul, record_affine
     ScaledDotProductAttention.forward = record_attention
-    SelfAttention.forward = record_self_attention
+    FusedSelfAttention.forward = record_self_attention
     try:
         step()
     finally:
@@ -158,6 +166,30 @@ def time_by_family(step, device):
     return spent, total
 
 
+def fast_path_gains(step, device, rounds):
+    """{setting: best seconds of a step}: "all on", each fast path off alone, "all off"."""
+    settings = ["all on"] + list(fast.PATHS) + ["all off"]
+    best = {name: float("inf") for name in settings}
+    for _ in range(rounds):
+        for name in settings:
+            fast.use_reference(False)
+            if name != "all on":
+                fast.use_reference(True, paths=None if name == "all off" else [name])
+            step()                                        # warm up this setting
+            best[name] = min(best[name], best_time(step, device, 1))
+    fast.use_reference(False)
+    return best
+
+
+def parse_paths(text):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(fast.PATHS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown fast path(s) {', '.join(unknown)}; choose "
+                                         f"from {', '.join(fast.PATHS)}")
+    return names
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cifar-small", help="a CIFAR preset of minivit.nn.PRESETS")
@@ -167,6 +199,12 @@ def main():
     parser.add_argument("--repeat", type=int, default=5,
                         help="steps timed (the best is kept); the per-op shares take the best "
                              "of min(3, repeat) steps")
+    parser.add_argument("--reference", action="store_true",
+                        help="every fast path off (as MINIVIT_REFERENCE=1)")
+    parser.add_argument("--without", type=parse_paths, default=[], metavar="NAME[,NAME]",
+                        help=f"these fast paths off: {', '.join(fast.PATHS)}")
+    parser.add_argument("--gains", action="store_true",
+                        help="time the step with each fast path off in turn (--repeat rounds)")
     parser.add_argument("--no-keep-host-memory", action="store_true",
                         help="leave glibc's malloc as it is (see minivit.backend.keep_host_memory)")
     args = parser.parse_args()
@@ -184,6 +222,19 @@ def main():
                                            dtype=np.float32))
     labels = backend.to_device(rng.integers(0, c.num_classes, args.batch), device)
     step = make_step(model, images, labels)
+    if args.gains:
+        best = fast_path_gains(step, device, args.repeat)
+        print(f"{args.preset}: batch {args.batch}, {args.backend} backend ({device}), best of "
+              f"{args.repeat} rounds; a fast path's gain is the step without it minus the step "
+              f"with every one on, as a share of the latter")
+        on = best["all on"]
+        for name, seconds in best.items():
+            gain = "" if name == "all on" else f"  {100 * (seconds - on) / on:+6.1f}%"
+            print(f"  {name:24s} {seconds * 1e3:9.1f} ms{gain}")
+        return
+    if args.reference:
+        fast.use_reference(True)
+    fast.use_reference(True, paths=args.without)
 
     step()                                                # warm up
     t_step = best_time(step, device, args.repeat)
@@ -194,6 +245,7 @@ def main():
 
     print(f"{args.preset}: {model.num_parameters():,} parameters, batch {args.batch}, "
           f"{args.backend} backend ({device}), host memory kept for reuse: {kept}")
+    print(f"  fast paths off: {', '.join(fast.disabled()) or 'none'}")
     print(f"  training step (forward + backward + SGD update)  {t_step * 1e3:9.1f} ms  "
           f"({args.batch / t_step:,.0f} images/s)")
     print(f"  its matrix products alone ({len(pairs)} matmuls x 3, {len(triples)} attentions x 6)"

@@ -81,3 +81,15 @@ def backend_flag(device):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def fast_paths():
+    """Every fast path on for this test, whatever MINIVIT_REFERENCE says (for the tests
+    of the fast paths themselves); minivit.fast as it was afterwards."""
+    from minivit import fast
+    before = fast.disabled()
+    fast.use_reference(False)
+    yield fast
+    fast.use_reference(False)
+    fast.use_reference(True, paths=before)
