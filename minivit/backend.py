@@ -315,7 +315,7 @@ def keep_host_memory():
 
     A NumPy training step allocates and frees many temporaries of a few MB; by default
     glibc hands each one back to the OS (mmap/munmap) and the next allocation pays page
-    faults for fresh zeroed pages, which costs a CPU step 20-30% here.  This raises the
+    faults for fresh zeroed pages (docs/performance.md has what that costs).  This raises the
     mmap threshold to its 32 MB maximum and stops trimming the heap, the same effect as
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 in the environment.
     Returns True when applied (Linux with glibc), False elsewhere.  Process-wide, so only

@@ -188,8 +188,8 @@ _SMALLEST_EXP = math.exp(-80)     # well above float32's smallest normal number,
 
 def contiguous_transpose(x):
     """x^T (the last two axes swapped) as a right-hand matmul operand.  Fast path (CPU):
-    a contiguous copy, as OpenBLAS multiplies by the transpose of a small matrix at
-    about half speed; elsewhere the view."""
+    a contiguous copy, as BLAS multiplies by the transpose of a small matrix more
+    slowly than the copy costs; elsewhere the view."""
     xt = x.swapaxes(-1, -2)
     return backend.array_module(x).ascontiguousarray(xt) if _cpu_fast(x, "contiguous_transposes") \
         else xt

@@ -262,7 +262,6 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     oh, ow = _geometry(x.shape, (kh, kw), stride, padding)[3]
     cols = im2col(x, (kh, kw), stride, padding)          # (B, OH*OW, KH*KW*C_in)
     # the windows of all images as the rows of one matrix: a single matrix product
-    # (a batch of B small ones is slower, and far slower when BLAS threads compete)
     y = matmul(reshape(cols, (-1, kh * kw * c_in)), reshape(weight, (kh * kw * c_in, c_out)))
     y = reshape(y, (x.shape[0], oh * ow, c_out))
     if bias is not None:
