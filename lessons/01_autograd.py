@@ -17,6 +17,9 @@ sum of g over the batch, dL/dx = g W^T.  When a tensor feeds two operations (a
 "diamond"), the sum in the chain rule runs over both paths, so the walk adds the
 two gradients.  Under `with mv.no_grad():` nothing is recorded (evaluation, and
 the optimiser's updates).
+
+A backward pass is trusted once it matches the gradient measured numerically, from
+the forward pass alone: a gradient check (at the end here; lesson 02 in depth).
 """
 import numpy as np
 
