@@ -111,15 +111,13 @@ except RuntimeError as e:
     lesson.expect("backward() through a no_grad result is refused", True, str(e))
 
 # --- 6. And a numerical check: the gradient measured, not derived ------------------------
-lesson.say("", "A numerical gradient check measures the gradient instead of deriving it: nudge "
-               "one input entry",
-           "by +-eps, run the forward pass twice, and (L(+eps) - L(-eps)) / (2 eps) (a central "
-           "difference)",
-           "approximates dL/d(entry).  mv.gradcheck does this for every entry of every input, in "
-           "float64,",
-           "compares it with what backward() returns and reports the largest relative error "
-           "(pass: below 1e-6).",
-           "Lesson 02 builds one from scratch and shows why float64 and why a random cotangent.")
+lesson.say("",
+           "A numerical gradient check measures the gradient instead of deriving it: nudge",
+           "one input entry by +-eps, run the forward pass twice, and the central difference",
+           "(L(+eps) - L(-eps)) / (2 eps) approximates dL/d(entry).  mv.gradcheck does this",
+           "for every entry of every input, in float64, compares it with backward() and",
+           "reports the largest relative error (pass: below 1e-6).  Lesson 02 builds one",
+           "from scratch and shows why float64 and why a random cotangent.")
 
 
 def tanh_layer_loss(x, W, b):
