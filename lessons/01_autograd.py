@@ -17,6 +17,9 @@ sum of g over the batch, dL/dx = g W^T.  When a tensor feeds two operations (a
 "diamond"), the sum in the chain rule runs over both paths, so the walk adds the
 two gradients.  Under `with mv.no_grad():` nothing is recorded (evaluation, and
 the optimiser's updates).
+
+A backward pass is trusted once it matches the gradient measured numerically, from
+the forward pass alone: a gradient check (at the end here; lesson 02 in depth).
 """
 import numpy as np
 
@@ -107,8 +110,33 @@ try:
 except RuntimeError as e:
     lesson.expect("backward() through a no_grad result is refused", True, str(e))
 
-# --- 6. And the numerical check: finite differences agree with backward() ----------------
-lesson.gradcheck("the tanh layer and its loss (x, W, b)",
-                 lambda x, W, b: (((x @ W + b).tanh() - t) ** 2).mean(), x, W, b)
-lesson.gradcheck("the diamond (x, W)", diamond, x, W)
+# --- 6. And a numerical check: the gradient measured, not derived ------------------------
+lesson.say("",
+           "A numerical gradient check measures the gradient instead of deriving it: nudge",
+           "one input entry by +-eps, run the forward pass twice, and the central difference",
+           "(L(+eps) - L(-eps)) / (2 eps) approximates dL/d(entry).  mv.gradcheck does this",
+           "for every entry of every input, in float64, compares it with backward() and",
+           "reports the largest relative error (pass: below 1e-6).  Lesson 02 builds one",
+           "from scratch and shows why float64 and why a random cotangent.")
+
+
+def tanh_layer_loss(x, W, b):
+    return (((x @ W + b).tanh() - t) ** 2).mean()
+
+
+W.grad = None
+tanh_layer_loss(x, W, b).backward()
+eps = 1e-6
+nudge = xp.zeros(W.shape)
+nudge[0, 0] = eps                                       # moves W[0, 0] only
+with mv.no_grad():
+    up = tanh_layer_loss(x, mv.tensor(W.data + nudge), b).item()
+    down = tanh_layer_loss(x, mv.tensor(W.data - nudge), b).item()
+central_difference = (up - down) / (2 * eps)
+lesson.say(f"dL/dW[0, 0]: central difference {central_difference:.10f}, backward() "
+           f"{W.grad[0, 0].item():.10f}")
+lesson.same("one entry: the central difference equals backward()",
+            np.array(central_difference), W.grad[0, 0], rtol=1e-7, atol=1e-9)
+lesson.gradcheck("every entry: the tanh layer and its loss (x, W, b)", tanh_layer_loss, x, W, b)
+lesson.gradcheck("every entry: the diamond (x, W)", diamond, x, W)
 lesson.finish()

@@ -18,6 +18,16 @@ variance back to 1 for every head width.
 
 With a batch (and, next lesson, heads) in front, q, k, v are (B, T, D_h) and every
 product above is a batched matmul.
+
+Backward.  Write c = 1/sqrt(D_h) and go back step by step from g = dL/d(out), with
+the matmul rule (lesson 01) and the softmax rule (lesson 06):
+
+    out = A v          =>  dv = A^T g,   dA = g v^T
+    A = softmax(S)     =>  dS = A * (dA - rowsum(dA * A))     (rowsum over the keys)
+    S = c q k^T        =>  dq = c dS k,  dk = c dS^T q
+
+The derivation in full is the docstring of ScaledDotProductAttention in
+minivit/ops/attention.py.
 """
 import math
 
@@ -116,19 +126,45 @@ lesson.expect("every row of A sums to 1",
 lesson.same("lesson attention == mv.attention", mine, fused)
 lesson.same("lesson weights A == mv.attention's returned weights", mine_weights, fused_weights)
 
-# The fused op has one hand-written backward (see minivit/ops/attention.py); autograd
-# through the primitives must give the same gradients.
-g = mv.tensor(rng.standard_normal(mine.shape))            # a cotangent dL/d(out)
-mine.backward(g)
-by_autograd = [t.grad for t in (q, k, v)]
+# --- 3. The backward pass by hand ------------------------------------------------------
+lesson.say("", "3. The backward pass by hand, from a random g = dL/d(out), c = 1/sqrt(D_h):")
+# The forward pass once more, one named step per line, keeping the gradients of S and A.
+c = 1 / math.sqrt(d_h)
+scores = (q @ k.swapaxes(-1, -2) * c).retain_grad()      # S (B, T, T)
+weights = mv.softmax(scores, axis=-1).retain_grad()       # A (B, T, T)
+out = weights @ v                                         # (B, T, D_h)
+g = mv.tensor(rng.standard_normal(out.shape))             # a cotangent dL/d(out)
+out.backward(g)                                           # autograd through the primitives
+
+# The same gradients with array maths, one line per step of the derivation.
+Q, K, V, G, A = q.data, k.data, v.data, g.data, weights.data      # raw arrays
+dv = A.swapaxes(-1, -2) @ G                               # out = A v:     dv = A^T g
+dA = G @ V.swapaxes(-1, -2)                               #                dA = g v^T
+dS = A * (dA - (dA * A).sum(axis=-1, keepdims=True))      # A = softmax(S) (lesson 06)
+dq = c * dS @ K                                           # S = c q k^T:   dq = c dS k
+dk = c * dS.swapaxes(-1, -2) @ Q                          #                dk = c dS^T q
+for step, grad in (("dv = A^T g", dv), ("dA = g v^T", dA),
+                   ("dS = A * (dA - rowsum(dA * A))", dS),
+                   ("dq = c dS k", dq), ("dk = c dS^T q", dk)):
+    lesson.say(f"   {step:<31} {tuple(grad.shape)}")
+for name, mine_grad, t in (("dv", dv, v), ("dA", dA, weights), ("dS", dS, scores),
+                           ("dq", dq, q), ("dk", dk, k)):
+    lesson.same(f"{name}: the formula == autograd through the primitives", mine_grad, t.grad)
+
+# mv.attention is one node with a hand-written backward (the derivation's home); it must
+# agree too.
 for t in (q, k, v):
     t.grad = None
-fused.backward(g)
-for name, a, t in zip("qkv", by_autograd, (q, k, v)):
-    lesson.same(f"d{name}: autograd through the primitives == the fused backward", a, t.grad)
+mv.attention(q, k, v).backward(g)
+for name, mine_grad, t in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+    lesson.same(f"{name}: the formula == mv.attention's backward", mine_grad, t.grad)
 
-# --- 3. An attention map -----------------------------------------------------------------
-lesson.say("", "3. Attention maps of 12 tokens with D_h = 64, without and with the scale:")
+# The row sum needs no T x T array: sum_j dA_ij A_ij = sum_j (g_i . v_j) A_ij = g_i . out_i.
+lesson.same("rowsum(dA * A) == rowsum(g * out), one dot product per query",
+            (dA * A).sum(axis=-1), (G * out.data).sum(axis=-1))
+
+# --- 4. An attention map -----------------------------------------------------------------
+lesson.say("", "4. Attention maps of 12 tokens with D_h = 64, without and with the scale:")
 T, d_h = 12, 64
 q, k = (mv.tensor(rng.standard_normal((T, d_h))) for _ in range(2))
 maps = {"softmax(q k^T)": mv.softmax(q @ k.T).numpy(),
@@ -143,8 +179,8 @@ fig.colorbar(image, ax=axes, label="attention weight A[query, key]", shrink=0.9)
 fig.suptitle(f"Random q, k with D_h = {d_h}: the scale keeps the rows soft")
 lesson.figure(fig, "attention_map.png")
 
-# --- 4. Gradient check -------------------------------------------------------------------
-lesson.say("", "4. Gradient checks (float64, central differences, random cotangent):")
+# --- 5. Gradient check -------------------------------------------------------------------
+lesson.say("", "5. Gradient checks (float64, central differences, random cotangent):")
 q, k, v = (mv.tensor(rng.standard_normal((2, 5, 4)), requires_grad=True) for _ in range(3))
 lesson.gradcheck("lesson attention wrt q, k, v", lambda q, k, v: attention_by_hand(q, k, v)[0],
                  q, k, v)

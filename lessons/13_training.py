@@ -27,10 +27,10 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common import Lesson
+from common import Lesson, train_steps
 
 import minivit as mv
-from minivit.optim import AdamW, warmup_cosine
+from minivit.optim import AdamW
 
 lesson = Lesson("13", "training a tiny ViT", __doc__)
 CLASSES = ["horizontal", "vertical", "diagonal", "checkerboard"]
@@ -111,24 +111,38 @@ fig.suptitle("The training batch: each image's label and the trained model's pre
 lesson.figure(fig, "training_images.png")
 
 # --- 2. Learn the patterns: mini-batches, a schedule, held-out images --------------------
+# The loop of part 1, with a random batch and a scheduled learning rate at every step:
+#
+#     base_lr, order = optimizer.lr, np.random.default_rng(seed)
+#     for step in range(steps):
+#         optimizer.lr = warmup_cosine(step, steps, warmup_steps, base_lr)
+#         batch = order.choice(len(images), batch_size, replace=False)
+#         ... the lines of train_step, on images[batch] and labels[batch]
+#
+# It is train_steps in lessons/common.py, which lessons 16 and 17 train with too.
 lesson.say("", "2. Learn the patterns: 512 training images in random batches of 32, "
-               "warm-up + cosine learning rate, 256 held-out images:")
+               "warm-up + cosine learning rate, 256 held-out images",
+           "   (the loop of part 1 with random batches and a schedule: train_steps in "
+           "lessons/common.py):")
 model = mv.nn.VisionTransformer(config, seed=0)
 train_images, train_labels = make_images(512, seed=2)
 test_images, test_labels = make_images(256, seed=3)
 optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-order = np.random.default_rng(0)
-steps, batch_losses, test_curve = 300, [], []
-for step in range(steps):
-    optimizer.lr = warmup_cosine(step, steps, warmup_steps=20, base_lr=3e-3)
-    batch = order.choice(len(train_images), 32, replace=False)
-    batch_losses.append(train_step(model, optimizer, train_images[batch], train_labels[batch])[0])
+steps, test_curve = 300, []
+
+
+def evaluate_held_out(step, batch_loss):
+    """Called by train_steps after each step: every 25 steps, the loss on held-out images."""
     if step % 25 == 0 or step == steps - 1:
         test_loss, test_accuracy, _ = evaluate(model, test_images, test_labels)
         test_curve.append((step, test_loss, test_accuracy))
         if step % 75 == 0 or step == steps - 1:
-            lesson.say(f"   step {step:>3}: batch loss {batch_losses[-1]:.4f}, held-out loss "
+            lesson.say(f"   step {step:>3}: batch loss {batch_loss:.4f}, held-out loss "
                        f"{test_loss:.4f}, held-out accuracy {test_accuracy:.0%}")
+
+
+batch_losses = train_steps(model, optimizer, train_images, train_labels, steps, batch_size=32,
+                           warmup_steps=20, seed=0, after_step=evaluate_held_out)
 held_out_accuracy = test_curve[-1][2]
 lesson.expect("it generalises: held-out accuracy above 85% (chance is 25%)",
               held_out_accuracy > 0.85, f"{held_out_accuracy:.1%}")

@@ -26,11 +26,11 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common import Lesson
+from common import Lesson, train_steps
 
 import minivit as mv
 from minivit import inspection
-from minivit.optim import AdamW, warmup_cosine
+from minivit.optim import AdamW
 
 lesson = Lesson("16", "inside the Vision Transformer", __doc__)
 SIZE, P, G = 24, 4, 6                   # 24 x 24 images, 4 x 4 patches, a 6 x 6 grid
@@ -75,18 +75,12 @@ similarity_at_init = inspection.position_embedding_similarity(model)
 train_x, train_y = make_blobs(2048, seed=0)
 test_x, test_y = make_blobs(512, seed=1)
 optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-order, steps = np.random.default_rng(0), 300
+steps = 300
 lesson.say(model.describe(), "",
            f"Training on {len(train_x)} blob images for {steps} steps of 64 (AdamW, warm-up "
            f"+ cosine) ...")
 start = time.perf_counter()
-for step in range(steps):
-    optimizer.lr = warmup_cosine(step, steps, warmup_steps=20, base_lr=3e-3)
-    batch = order.choice(len(train_x), 64, replace=False)
-    loss = mv.cross_entropy(model(mv.tensor(train_x[batch])), train_y[batch])
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+train_steps(model, optimizer, train_x, train_y, steps, batch_size=64)   # lesson 13's loop
 model.eval()
 with mv.no_grad():
     accuracy = mv.accuracy(model(mv.tensor(test_x)), test_y)

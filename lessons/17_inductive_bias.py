@@ -33,11 +33,11 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
-from common import Lesson
+from common import Lesson, train_steps
 
 import minivit as mv
 from minivit import inspection
-from minivit.optim import AdamW, warmup_cosine
+from minivit.optim import AdamW
 
 lesson = Lesson("17", "inductive bias: translation equivariance and locality", __doc__)
 SIZE, P, G = 24, 4, 6                   # 24 x 24 images, 4 x 4 patches, a 6 x 6 grid
@@ -109,16 +109,10 @@ config = mv.nn.ViTConfig(image_size=SIZE, patch_size=P, num_classes=9, hidden_si
 model = mv.nn.VisionTransformer(config, seed=0)
 init_model = mv.nn.VisionTransformer(config, seed=0)          # kept untrained, for part 2
 train_x, train_y = make_blobs(2048, seed=0)
-order, steps = np.random.default_rng(0), 300
+steps = 300
 optimizer = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 start = time.perf_counter()
-for step in range(steps):
-    optimizer.lr = warmup_cosine(step, steps, warmup_steps=20, base_lr=3e-3)
-    batch = order.choice(len(train_x), 64, replace=False)
-    loss = mv.cross_entropy(model(mv.tensor(train_x[batch])), train_y[batch])
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+train_steps(model, optimizer, train_x, train_y, steps, batch_size=64)   # lesson 13's loop
 model.eval()
 lesson.say("", f"   A ViT trained on lesson 16's blob task ({steps} steps, "
                f"{time.perf_counter() - start:.1f} s):")

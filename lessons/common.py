@@ -19,6 +19,7 @@ matplotlib.use("Agg")              # figures go to files, never to a window
 import numpy as np                 # noqa: E402
 
 import minivit as mv               # noqa: E402
+from minivit.optim import warmup_cosine  # noqa: E402
 
 mv.cli.install()                   # a user's mistake or Ctrl-C ends in one line
 
@@ -104,3 +105,25 @@ class Lesson:
             sys.exit(1)
         print("All checks passed.")
         sys.exit(0)
+
+
+def train_steps(model, optimizer, images, labels, steps, batch_size, warmup_steps=20, seed=0,
+                after_step=None):
+    """Lesson 13's training loop: `steps` gradient steps, each on batch_size images drawn
+    at random (a fixed seed, so a lesson prints the same numbers every run).  The learning
+    rate rises linearly to the optimiser's lr over warmup_steps, then falls along a cosine.
+    Returns each step's loss, measured before its update; after_step(step, loss), if
+    given, runs after each step (lesson 13 evaluates held-out images there)."""
+    base_lr, order = optimizer.lr, np.random.default_rng(seed)
+    losses = []
+    for step in range(steps):
+        optimizer.lr = warmup_cosine(step, steps, warmup_steps=warmup_steps, base_lr=base_lr)
+        batch = order.choice(len(images), batch_size, replace=False)
+        loss = mv.cross_entropy(model(mv.tensor(images[batch])), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()                            # dL/dtheta for every parameter
+        optimizer.step()                           # theta <- the optimiser's update
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step(step, losses[-1])
+    return losses
