@@ -16,6 +16,8 @@ from conftest import require_cupy
 from minivit import backend, blocks
 from minivit.ops.attention import attention, self_attention
 
+pytestmark = pytest.mark.usefixtures("fast_paths")     # the blocks are a fast path
+
 
 def rowwise(x, y):
     """Elementwise, a reduction within each row, and a second output: what GELU,

@@ -203,7 +203,7 @@ def many_params(device, seed=1):
     return [Parameter(mv.backend.to_device(w.copy(), device)) for w in w0], w0, grads
 
 
-def test_fused_adamw_equals_the_per_tensor_loop_exactly(device):
+def test_fused_adamw_equals_the_per_tensor_loop_exactly(device, fast_paths):
     params, w0, grads = many_params(device)
     no_decay = [params[2]]                 # like ViT's position embeddings: 3 axes, not decayed
     opt = AdamW(params, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
@@ -216,7 +216,7 @@ def test_fused_adamw_equals_the_per_tensor_loop_exactly(device):
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_fused_sgd_equals_the_per_tensor_loop_exactly(device, nesterov):
+def test_fused_sgd_equals_the_per_tensor_loop_exactly(device, nesterov, fast_paths):
     params, w0, grads = many_params(device)
     opt = SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=nesterov,
               no_decay=[params[1]])
