@@ -204,6 +204,8 @@ def read_config(arrays, model_args=None, global_pool=None, image_size=None, sour
     no_embed_class = False
     if pos is None:
         size = image_size or args.get("img_size")
+        if isinstance(size, (list, tuple)):           # timm writes [H, W]
+            size = size[0] if len(size) == 2 and size[0] == size[1] else None
         if size is None:
             raise ValueError(f"{source}: there is no pos_embed, so the tensors do not record "
                              f"the image size: pass image_size=")
