@@ -21,6 +21,7 @@ with PyTorch; pickle files (.bin, .pth) are refused.
 """
 import json
 import pathlib
+import zipfile
 
 from minivit import checkpoint, images, official
 from minivit.nn.vit import ViTConfig
@@ -64,12 +65,15 @@ def detect_format(path):
                          f"{names[:6]}{' ...' if len(names) > 6 else ''}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:1] == b"\x80":
-        raise ValueError(safetensors.pickle_refusal(path))
     if head in (b"PK\x03\x04", b"PK\x05\x06"):      # an .npz, or PyTorch's zipped pickle
         if official.is_official(path):
             return "official"
-        return "minivit"
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if "meta.npy" in names or path.suffix == ".npz":
+            return "minivit"
+    if safetensors.looks_like_pickle(head):
+        raise ValueError(safetensors.pickle_refusal(path))
     raise ValueError(f"{path}: cannot tell its format (expected a minivit or official .npz, "
                      f"a .safetensors file or a folder); pass format= one of {FORMATS}")
 

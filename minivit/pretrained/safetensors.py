@@ -47,9 +47,9 @@ def pickle_refusal(path):
             f"'model.safetensors')")
 
 
-def _looks_like_pickle(path, head):
-    return (pathlib.Path(path).suffix in PICKLE_SUFFIXES or head[:1] == b"\x80"
-            or head[:4] == b"PK\x03\x04")
+def looks_like_pickle(head):
+    """True for the first bytes of a pickle (protocol 2+) or of PyTorch's zipped pickle."""
+    return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
 
 
 def read_header(path):
@@ -61,12 +61,14 @@ def read_header(path):
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if _looks_like_pickle(path, head):
+        if path.suffix in PICKLE_SUFFIXES:
             raise ValueError(pickle_refusal(path))
         if len(head) < 8:
             raise ValueError(f"{path} is not a safetensors file: {size} bytes, fewer than the "
                              f"8 of the header length")
         n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER) and looks_like_pickle(head):
+            raise ValueError(pickle_refusal(path))
         if n > min(size - 8, MAX_HEADER):
             raise ValueError(f"{path} is not a safetensors file (or is truncated): its header "
                              f"length says {n} bytes, the file has {size - 8} after it")
