@@ -569,3 +569,37 @@ def test_zipped_files_are_told_apart_by_their_entries(tmp_path):
     ours = save_pretrained(perturbed(), tmp_path / "m.npz")
     ours.rename(tmp_path / "checkpoint")
     assert detect_format(tmp_path / "checkpoint") == "minivit"
+
+
+# --- the programs ---------------------------------------------------------------------
+
+@pytest.mark.usefixtures("keep_default_backend")
+@pytest.mark.parametrize("name", ["timm_token", "hf_gelu"])
+def test_predict_reads_timm_and_hugging_face_weights(name, tmp_path, capsys):
+    from PIL import Image
+    from conftest import load_example
+    predict = load_example("predict")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
+    predict.main([str(image), "--checkpoint", str(GOLDENS / name), "--top", "5"])
+    out, err = capsys.readouterr()
+    assert all(label in out for label in ["apple", "bicycle", "cloud", "dune", "ember"])
+    assert ("stores no normalisation" in err) == (name == "hf_gelu")    # no preprocessor config
+
+
+@pytest.mark.usefixtures("keep_default_backend")
+@pytest.mark.parametrize("name", ["timm_avg_fc_norm_no_qkv_bias", "hf_gelu"])
+def test_train_cifar_fine_tunes_timm_and_hugging_face_weights(name, tmp_path):
+    from conftest import load_example
+    from test_data import write_cifar
+    from minivit import checkpoint
+    write_cifar(tmp_path / "data", n=8)
+    load_example("train_cifar").main([
+        "--preset", "finetune", "--pretrained", str(GOLDENS / name), "--image-size", "40",
+        "--epochs", "1", "--batch-size", "16", "--data-dir", str(tmp_path / "data"),
+        "--no-download", "--no-progress", "--out", str(tmp_path / "ft")])
+    saved = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")
+    original = from_pretrained(GOLDENS / name).config
+    assert saved["config"]["num_classes"] == 10 and saved["config"]["image_size"] == 40
+    for field in ("layer_norm_eps", "qkv_bias", "fc_norm", "gelu", "classifier"):
+        assert saved["config"][field] == getattr(original, field)
