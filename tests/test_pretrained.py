@@ -28,12 +28,16 @@ The claims, in the order the tests check them:
    timm's no_embed_class, zero q/k/v biases in the official layout for qkv_bias=False
    (test_absent_parts_are_exact_zeros); fc_norm normalises the mean, not the tokens
    (test_fc_norm_normalises_the_mean); layer_norm_eps reaches every LayerNorm
-   (test_layer_norm_eps_reaches_every_layer_norm).
+   (test_layer_norm_eps_reaches_every_layer_norm); without q/k/v biases the model has
+   3D fewer parameters a block (test_parameter_count_follows_the_new_fields).
 8. Another image size resizes the position embeddings as the official code does, another
    number of classes starts a zero head (test_image_size_and_num_classes); weights
    without a head (ViTModel; pooler ignored) and sharded folders load
    (test_headless_and_sharded_folders).
-Then the errors, each saying what was expected and what came, and the devices.
+9. examples/predict.py and examples/train_cifar.py take timm and Hugging Face weights
+   (test_predict_reads_timm_and_hugging_face_weights,
+   test_train_cifar_fine_tunes_timm_and_hugging_face_weights).
+Then the errors, each saying what was expected and what came, and the dtypes and devices.
 """
 import json
 import pathlib
@@ -288,6 +292,15 @@ def test_layer_norm_eps_reaches_every_layer_norm():
     assert perturbed().norm.eps == 1e-6
 
 
+def test_parameter_count_follows_the_new_fields():
+    from minivit.nn.vit import count_parameters
+    for fields in (dict(qkv_bias=False), dict(classifier="gap", fc_norm=True),
+                   dict(layer_norm_eps=1e-12)):
+        model = perturbed(**fields)
+        assert count_parameters(model.config) == model.num_parameters()
+    assert perturbed().num_parameters() - perturbed(qkv_bias=False).num_parameters() == 2 * 3 * 16
+
+
 # --- 8. fine-tuning starts, headless and sharded folders ------------------------------
 
 @pytest.mark.parametrize("name", ["timm_token", "timm_no_embed_class_gelu_tanh", "hf_gelu"])
@@ -328,6 +341,40 @@ def test_headless_and_sharded_folders(tmp_path):
     model = from_pretrained(folder, num_classes=7)
     np.testing.assert_array_equal(model.features(mv.tensor(x)).numpy(),
                                   reference.features(mv.tensor(x)).numpy())
+
+
+# --- 9. the programs ------------------------------------------------------------------
+
+@pytest.mark.usefixtures("keep_default_backend")
+@pytest.mark.parametrize("name", ["timm_token", "hf_gelu"])
+def test_predict_reads_timm_and_hugging_face_weights(name, tmp_path, capsys):
+    from PIL import Image
+    from conftest import load_example
+    predict = load_example("predict")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
+    predict.main([str(image), "--checkpoint", str(GOLDENS / name), "--top", "5"])
+    out, err = capsys.readouterr()
+    assert all(label in out for label in ["apple", "bicycle", "cloud", "dune", "ember"])
+    assert ("stores no normalisation" in err) == (name == "hf_gelu")    # no preprocessor config
+
+
+@pytest.mark.usefixtures("keep_default_backend")
+@pytest.mark.parametrize("name", ["timm_avg_fc_norm_no_qkv_bias", "hf_gelu"])
+def test_train_cifar_fine_tunes_timm_and_hugging_face_weights(name, tmp_path):
+    from conftest import load_example
+    from test_data import write_cifar
+    from minivit import checkpoint
+    write_cifar(tmp_path / "data", n=8)
+    load_example("train_cifar").main([
+        "--preset", "finetune", "--pretrained", str(GOLDENS / name), "--image-size", "40",
+        "--epochs", "1", "--batch-size", "16", "--data-dir", str(tmp_path / "data"),
+        "--no-download", "--no-progress", "--out", str(tmp_path / "ft")])
+    saved = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")
+    original = from_pretrained(GOLDENS / name).config
+    assert saved["config"]["num_classes"] == 10 and saved["config"]["image_size"] == 40
+    for field in ("layer_norm_eps", "qkv_bias", "fc_norm", "gelu", "classifier"):
+        assert saved["config"][field] == getattr(original, field)
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -546,19 +593,6 @@ def test_config_checks_of_the_new_fields():
         ViTConfig(layer_norm_eps=0)
 
 
-# --- dtypes and devices ---------------------------------------------------------------
-
-def test_dtype_default_and_float64(tmp_path, device):
-    assert all(p.dtype == np.float32 for p in from_pretrained(GOLDENS / "hf_gelu").parameters())
-    model = from_pretrained(GOLDENS / "hf_gelu", dtype="float64").to(device)
-    assert all(p.dtype == np.float64 for p in model.parameters())
-    path = model.save_pretrained(tmp_path / "hf64", format="hf")        # saved from the device
-    assert {e[0] for e in tensors(path / "model.safetensors").values()} == {"F64"}
-    x = golden_inputs()[0]
-    np.testing.assert_array_equal(logits(from_pretrained(path, dtype="float64"), x, device),
-                                  logits(model, x, device))
-
-
 def test_zipped_files_are_told_apart_by_their_entries(tmp_path):
     import zipfile
     torch_file = tmp_path / "weights"                  # PyTorch's zip: a pickle inside
@@ -571,35 +605,15 @@ def test_zipped_files_are_told_apart_by_their_entries(tmp_path):
     assert detect_format(tmp_path / "checkpoint") == "minivit"
 
 
-# --- the programs ---------------------------------------------------------------------
+# --- dtypes and devices ---------------------------------------------------------------
 
-@pytest.mark.usefixtures("keep_default_backend")
-@pytest.mark.parametrize("name", ["timm_token", "hf_gelu"])
-def test_predict_reads_timm_and_hugging_face_weights(name, tmp_path, capsys):
-    from PIL import Image
-    from conftest import load_example
-    predict = load_example("predict")
-    image = tmp_path / "x.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
-    predict.main([str(image), "--checkpoint", str(GOLDENS / name), "--top", "5"])
-    out, err = capsys.readouterr()
-    assert all(label in out for label in ["apple", "bicycle", "cloud", "dune", "ember"])
-    assert ("stores no normalisation" in err) == (name == "hf_gelu")    # no preprocessor config
+def test_dtype_default_and_float64(tmp_path, device):
+    assert all(p.dtype == np.float32 for p in from_pretrained(GOLDENS / "hf_gelu").parameters())
+    model = from_pretrained(GOLDENS / "hf_gelu", dtype="float64").to(device)
+    assert all(p.dtype == np.float64 for p in model.parameters())
+    path = model.save_pretrained(tmp_path / "hf64", format="hf")        # saved from the device
+    assert {e[0] for e in tensors(path / "model.safetensors").values()} == {"F64"}
+    x = golden_inputs()[0]
+    np.testing.assert_array_equal(logits(from_pretrained(path, dtype="float64"), x, device),
+                                  logits(model, x, device))
 
-
-@pytest.mark.usefixtures("keep_default_backend")
-@pytest.mark.parametrize("name", ["timm_avg_fc_norm_no_qkv_bias", "hf_gelu"])
-def test_train_cifar_fine_tunes_timm_and_hugging_face_weights(name, tmp_path):
-    from conftest import load_example
-    from test_data import write_cifar
-    from minivit import checkpoint
-    write_cifar(tmp_path / "data", n=8)
-    load_example("train_cifar").main([
-        "--preset", "finetune", "--pretrained", str(GOLDENS / name), "--image-size", "40",
-        "--epochs", "1", "--batch-size", "16", "--data-dir", str(tmp_path / "data"),
-        "--no-download", "--no-progress", "--out", str(tmp_path / "ft")])
-    saved = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")
-    original = from_pretrained(GOLDENS / name).config
-    assert saved["config"]["num_classes"] == 10 and saved["config"]["image_size"] == 40
-    for field in ("layer_norm_eps", "qkv_bias", "fc_norm", "gelu", "classifier"):
-        assert saved["config"][field] == getattr(original, field)

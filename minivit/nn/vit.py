@@ -11,7 +11,8 @@ official code (google-research/vision_transformer): LayerNorm eps 1e-6, [CLS] at
 position 0, learned 1D position embeddings ~ N(0, 0.02^2), dropout after the
 embeddings, after attention and inside the MLP, and the final LayerNorm applied to
 every token.  With classifier="gap" there is no [CLS] token: the head reads the mean
-of the N patch outputs (the paper's Appendix D.3).
+of the N patch outputs (the paper's Appendix D.3); with fc_norm=True (timm's order for
+average pooling) the final LayerNorm normalises that mean instead of every token.
 
 The hybrid (Sec. 3.1, "Hybrid Architecture"; resnet_layers not None) runs a ResNet stem
 (nn/resnet.py) first and embeds patches of its feature map instead of the image's; the
