@@ -14,7 +14,9 @@ The checkpoint is either minivit's own (written by examples/train_cifar.py: it h
 the class names and the normalisation the model was trained with) or an official
 google-research/vision_transformer .npz (read by minivit.official; normalised as
 pixel / 127.5 - 1, no class names inside: give them with --labels, one per line,
-else classes print as "class 17").
+else classes print as "class 17"), or timm or Hugging Face weights: a .safetensors file
+or a folder with config.json (read by minivit.pretrained; the class names and
+normalisation are their config's).
 
 Images may be of any mode Pillow reads (greyscale, palette, RGBA, CMYK, 16-bit, ...);
 each is turned upright by its EXIF orientation, made RGB (transparent pixels are
@@ -45,7 +47,8 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any Pillow format)")
     p.add_argument("--checkpoint", required=True,
-                   help="minivit checkpoint (examples/train_cifar.py) or official ViT .npz")
+                   help="minivit checkpoint (examples/train_cifar.py), official ViT .npz, "
+                        "timm .safetensors or Hugging Face folder")
     p.add_argument("--labels", help="class names, one per line (as many lines as classes); "
                                     "overrides the names in the checkpoint")
     p.add_argument("--top", type=cli.positive_int, default=5, help="classes to show per image")
@@ -75,8 +78,12 @@ def load_model(path):
     path = pathlib.Path(path)
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}")
+    weights_folder = path.is_dir() and any(
+        (path / name).is_file() for name in ("config.json", "model.safetensors"))
+    if weights_folder or path.suffix in (".safetensors", ".bin", ".pth", ".pt"):
+        return load_pretrained_weights(path)          # timm or Hugging Face weights
     if not path.is_file():
-        sys.exit(f"error: the checkpoint {path} is not a file")
+        sys.exit(f"error: the checkpoint {path} is not a file (nor a folder with config.json)")
     official = _official_module()
     try:
         if official is not None and official.is_official(path):
@@ -101,6 +108,23 @@ def load_model(path):
               f"ignoring them", file=sys.stderr)
         names = None
     return model, normalization, names, "minivit checkpoint"
+
+
+def load_pretrained_weights(path):
+    """load_model's answer for timm and Hugging Face weights (minivit.pretrained)."""
+    from minivit.pretrained import load_pretrained
+    try:
+        loaded = load_pretrained(path)
+    except Exception as e:
+        sys.exit(f"error: cannot load the checkpoint {path}: {e}")
+    normalization = loaded.normalization
+    if normalization is None:
+        print(f"warning: {path} stores no normalisation; using mean 0.5 and std 0.5 (the "
+              f"official ViT's)", file=sys.stderr)
+        normalization = images.OFFICIAL_NORMALIZATION
+    kind = {"timm": "timm weights", "hf": "Hugging Face weights"}.get(loaded.format,
+                                                                      f"{loaded.format} weights")
+    return loaded.model, normalization, loaded.class_names, kind
 
 
 def read_labels(path, num_classes):

@@ -87,7 +87,7 @@ class Settings:
     augment: str = "standard"
     train_subset: int = None
     seed: int = 0
-    pretrained: str = None        # an official ViT checkpoint to start from
+    pretrained: str = None        # weights to start from (official, minivit, timm, hf)
     image_size: int = None        # the model's resolution; CIFAR images are upsampled to it
 
     def schedule(self, steps_per_epoch):
@@ -178,9 +178,11 @@ def parse_args(argv=None):
     p.add_argument("--mlp-dim", type=positive_int, help="override the MLP's hidden width")
     p.add_argument("--patch-size", type=positive_int, help="override the patch size P")
     p.add_argument("--gelu", choices=["erf", "tanh"], help="exact (erf) or tanh GELU")
-    p.add_argument("--pretrained", help="fine-tune from this official ViT .npz checkpoint "
-                                        "(google-research/vision_transformer); its head is "
-                                        "replaced by a zero 10-class head")
+    p.add_argument("--pretrained", help="fine-tune from these weights: an official ViT .npz "
+                                        "(google-research/vision_transformer), a minivit "
+                                        "checkpoint, a timm .safetensors or a Hugging Face "
+                                        "folder; a head of another size is replaced by a "
+                                        "zero 10-class head")
     p.add_argument("--image-size", type=positive_int,
                    help="the model's resolution: CIFAR images are upsampled to it (with "
                         "--pretrained, position embeddings are resized; default: the "
@@ -452,12 +454,21 @@ def main(argv=None):
         model = VisionTransformer(ViTConfig(**state["config"]), seed=s.seed)
     elif s.pretrained:
         from minivit.official import load_official
+        from minivit.pretrained import detect_format, from_pretrained
         try:
-            model = load_official(s.pretrained, num_classes=10, image_size=s.image_size,
-                                  seed=s.seed, dropout=s.dropout,
-                                  attention_dropout=s.attention_dropout,
-                                  **({"gelu": s.gelu} if s.gelu else {}))
-        except (ValueError, KeyError) as e:
+            if detect_format(s.pretrained) == "official":
+                model = load_official(s.pretrained, num_classes=10, image_size=s.image_size,
+                                      seed=s.seed, dropout=s.dropout,
+                                      attention_dropout=s.attention_dropout,
+                                      **({"gelu": s.gelu} if s.gelu else {}))
+            else:                     # minivit, timm or Hugging Face weights: their config
+                loaded = from_pretrained(s.pretrained, num_classes=10, image_size=s.image_size)
+                config = dataclasses.replace(loaded.config, dropout=s.dropout,
+                                             attention_dropout=s.attention_dropout,
+                                             **({"gelu": s.gelu} if s.gelu else {}))
+                model = VisionTransformer(config, seed=s.seed)
+                model.load_state_dict(loaded.state_dict())
+        except (ValueError, KeyError, OSError) as e:
             sys.exit(f"error: --pretrained {s.pretrained}: {e}")
     else:
         model = VisionTransformer(s.model_config(), seed=s.seed)

@@ -212,7 +212,10 @@ def official_arrays(model):
     for i in range(c.depth):
         out.update({key: s[name] for name, key in _block_renames(i)})
         b, m = f"Transformer/encoderblock_{i}/{ATTN}/", f"blocks.{i}.attn."
-        weight, bias = s[m + "qkv.weight"], s[m + "qkv.bias"]
+        weight = s[m + "qkv.weight"]
+        bias = s.get(m + "qkv.bias")             # qkv_bias=False: zero biases, the same sums
+        if bias is None:
+            bias = _np().zeros(3 * D, dtype=weight.dtype)
         for j, name in enumerate(("query", "key", "value")):
             out[f"{b}{name}/kernel"] = weight[:, j * D:(j + 1) * D].reshape(D, H, D // H)
             out[f"{b}{name}/bias"] = bias[j * D:(j + 1) * D].reshape(H, D // H)
@@ -493,11 +496,22 @@ def save_official(model, path):
       - the GELU form is not stored: the official code runs the tanh form, so a model
         with gelu="erf" computes slightly different logits there (reload it in minivit
         with load_official(path, gelu="erf")).
-    Dropout rates are not stored either.
+      - qkv_bias=False: the query, key and value biases are written as zeros.
+    Dropout rates are not stored either.  The official model has no place for a LayerNorm
+    eps other than 1e-6 or for fc_norm (LayerNorm after the mean): such models are refused.
     """
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"save_official: expected a minivit VisionTransformer, "
                         f"got {type(model).__name__}")
+    c = model.config
+    if c.layer_norm_eps != 1e-6:
+        raise ValueError(f"save_official: the official ViT runs LayerNorm with eps 1e-6; this "
+                         f"model uses layer_norm_eps={c.layer_norm_eps:g}, which the official "
+                         f"layout cannot record")
+    if c.fc_norm:
+        raise ValueError("save_official: the official 'gap' classifier normalises every token "
+                         "before the mean; this model has fc_norm=True (LayerNorm after the "
+                         "mean), which the official layout cannot represent")
     arrays = official_arrays(model)
     np = _np()
     return atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -11,7 +11,8 @@ official code (google-research/vision_transformer): LayerNorm eps 1e-6, [CLS] at
 position 0, learned 1D position embeddings ~ N(0, 0.02^2), dropout after the
 embeddings, after attention and inside the MLP, and the final LayerNorm applied to
 every token.  With classifier="gap" there is no [CLS] token: the head reads the mean
-of the N patch outputs (the paper's Appendix D.3).
+of the N patch outputs (the paper's Appendix D.3); with fc_norm=True (timm's order for
+average pooling) the final LayerNorm normalises that mean instead of every token.
 
 The hybrid (Sec. 3.1, "Hybrid Architecture"; resnet_layers not None) runs a ResNet stem
 (nn/resnet.py) first and embeds patches of its feature map instead of the image's; the
@@ -55,6 +56,10 @@ class ViTConfig:
     resnet_layers: tuple = None     # None: pure ViT; a tuple: the hybrid's ResNet stages
                                     # (units per stage; () for the root block alone)
     width_factor: float = 1.0       # the ResNet's width is int(64 * width_factor)
+    layer_norm_eps: float = 1e-6    # every LayerNorm's eps (1e-12 in Hugging Face's ViT configs)
+    qkv_bias: bool = True           # False: q, k, v have no bias (U_qkv alone)
+    fc_norm: bool = False           # "gap" only: the final LayerNorm normalises the mean of
+                                    # the patch outputs instead of every token (timm's fc_norm)
 
     def __post_init__(self):
         def fail(what):
@@ -87,6 +92,11 @@ class ViTConfig:
                  f"got {self.hidden_size}")
         if self.gelu not in GELU_APPROXIMATIONS:
             fail(f"gelu must be one of {GELU_APPROXIMATIONS}, got {self.gelu!r}")
+        if not self.layer_norm_eps > 0:
+            fail(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.fc_norm and self.classifier != "gap":
+            fail(f"fc_norm (LayerNorm after the mean of the patch outputs) needs classifier "
+                 f"'gap', got {self.classifier!r}")
 
     @property
     def hybrid(self):
@@ -173,7 +183,7 @@ def count_parameters(config):
     cls = D if c.classifier == "token" else 0
     pos = c.num_tokens * D if c.pos_embed == "learned" else 0
     block = (2 * D                                            # LN before MSA
-             + D * 3 * D + 3 * D + D * D + D                  # U_qkv, U_msa and biases
+             + D * 3 * D + 3 * D * c.qkv_bias + D * D + D     # U_qkv, U_msa and biases
              + 2 * D                                          # LN before MLP
              + D * M + M + M * D + D)                         # the MLP's two layers
     head_in = c.representation_size or D
@@ -219,11 +229,12 @@ class MultiHeadSelfAttention(Module):
     With keep_weights set, each forward pass leaves its attention weights A
     (B, heads, T, T) on `self.weights` (VisionTransformer.features sets it)."""
 
-    def __init__(self, hidden_size, num_heads, attention_dropout, rng, random_source):
+    def __init__(self, hidden_size, num_heads, attention_dropout, rng, random_source,
+                 qkv_bias=True):
         self.num_heads = num_heads
         self.attention_dropout = attention_dropout
         self.random_source = random_source
-        self.qkv = Linear(hidden_size, 3 * hidden_size, rng)        # U_qkv: (D, 3D)
+        self.qkv = Linear(hidden_size, 3 * hidden_size, rng, bias=qkv_bias)   # U_qkv: (D, 3D)
         self.out = Linear(hidden_size, hidden_size, rng)            # U_msa: (D, D)
         self.keep_weights, self.weights = False, None
 
@@ -259,11 +270,11 @@ class EncoderBlock(Module):
 
     def __init__(self, config, rng, random_source):
         c = config
-        self.norm1 = LayerNorm(c.hidden_size)
+        self.norm1 = LayerNorm(c.hidden_size, c.layer_norm_eps)
         self.attn = MultiHeadSelfAttention(c.hidden_size, c.num_heads, c.attention_dropout,
-                                           rng, random_source)
+                                           rng, random_source, c.qkv_bias)
         self.drop = Dropout(c.dropout, random_source)
-        self.norm2 = LayerNorm(c.hidden_size)
+        self.norm2 = LayerNorm(c.hidden_size, c.layer_norm_eps)
         self.mlp = MLP(c.hidden_size, c.mlp_dim, c.dropout, c.gelu, rng, random_source)
 
     def forward(self, z):
@@ -310,7 +321,7 @@ class VisionTransformer(Module):
             self.pos_embed = backend.asarray(table[None], dtype="float32")
         self.embed_drop = Dropout(c.dropout, self.random_source)
         self.blocks = [EncoderBlock(c, rng, self.random_source) for _ in range(c.depth)]
-        self.norm = LayerNorm(c.hidden_size)
+        self.norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
         self.pre_logits = None
         if c.representation_size:
             self.pre_logits = Linear(c.hidden_size, c.representation_size, rng,
@@ -342,8 +353,11 @@ class VisionTransformer(Module):
         z = self.embed(images)
         for block in self.blocks:
             z = block(z)
-        z = self.norm(z)
-        y = z[:, 0] if self.config.classifier == "token" else z.mean(axis=1)
+        if self.config.fc_norm:                        # timm's fc_norm: pool, then normalise
+            y = self.norm(z.mean(axis=1))
+        else:
+            z = self.norm(z)
+            y = z[:, 0] if self.config.classifier == "token" else z.mean(axis=1)
         if return_attention:
             return y, [block.attn.weights for block in self.blocks]
         return y
@@ -362,6 +376,21 @@ class VisionTransformer(Module):
         """Parameters that weight decay should leave alone although they have several axes:
         the [CLS] token and the learned position embeddings (as timm and big_vision do)."""
         return [p for p in (self.cls_token, self.pos_embed) if isinstance(p, Parameter)]
+
+    @classmethod
+    def from_pretrained(cls, path, num_classes=None, image_size=None, dtype=None, format=None):
+        """A model with the weights of a minivit checkpoint, an official .npz, a timm
+        .safetensors or a Hugging Face folder (see minivit.pretrained.from_pretrained)."""
+        from minivit.pretrained import from_pretrained
+        return from_pretrained(path, num_classes=num_classes, image_size=image_size,
+                               dtype=dtype, format=format)
+
+    def save_pretrained(self, path, format="minivit", class_names=None, normalization=None):
+        """Write this model as format "minivit", "official", "timm" or "hf" (see
+        minivit.pretrained.save_pretrained)."""
+        from minivit.pretrained import save_pretrained
+        return save_pretrained(self, path, format=format, class_names=class_names,
+                               normalization=normalization)
 
     def describe(self):
         c = self.config
