@@ -94,14 +94,14 @@ def test_affine_equals_matmul_plus_bias(device, rng, with_bias):
     x = mv.tensor(rng.standard_normal((2, 5, 4)), device=device, requires_grad=True)
     w = mv.tensor(rng.standard_normal((4, 3)), device=device, requires_grad=True)
     b = mv.tensor(rng.standard_normal(3), device=device, requires_grad=True) if with_bias else None
-    g = backend.asarray(rng.standard_normal((2, 5, 3)), device=device)
+    g = mv.tensor(rng.standard_normal((2, 5, 3)), device=device)
 
     def run():
         for t in (x, w, b):
             if t is not None:
                 t.grad = None
         y = mv.affine(x, w, b)
-        (y * mv.tensor(g)).sum().backward()
+        (y * g).sum().backward()
         return [y.data] + [t.grad for t in (x, w, b) if t is not None]
     for got, want in zip(*both_paths(run)):
         assert_close(got, want, "affine")
