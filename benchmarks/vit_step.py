@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import minivit as mv
-from minivit import backend
+from minivit import backend, cli
 from minivit.autograd import Function
 from minivit.ops.attention import ScaledDotProductAttention, SelfAttention
 from minivit.ops.basic import Affine, MatMul
@@ -166,10 +166,10 @@ def time_by_family(step, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cifar-small", help="a CIFAR preset of minivit.nn.PRESETS")
-    parser.add_argument("--batch", type=int, default=128, help="images per step")
+    parser.add_argument("--batch", type=cli.positive_int, default=128, help="images per step")
     parser.add_argument("--backend", default=backend.default_backend_name(),
                         choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--repeat", type=cli.positive_int, default=5,
                         help="steps timed (the best is kept); the per-op shares take the best "
                              "of min(3, repeat) steps")
     parser.add_argument("--no-keep-host-memory", action="store_true",
@@ -198,7 +198,7 @@ def main():
                             key=lambda r: r[1])
 
     print(f"{args.preset}: {model.num_parameters():,} parameters, batch {args.batch}, "
-          f"{args.backend} backend ({device}), host memory kept for reuse: {kept}")
+          f"{cli.backend_text(args.backend)} backend ({device}), host memory kept for reuse: {kept}")
     print(f"  training step (forward + backward + SGD update)  {t_step * 1e3:9.1f} ms  "
           f"({args.batch / t_step:,.0f} images/s)")
     print(f"  its matrix products alone ({len(pairs)} matmuls x 3, {len(triples)} attentions x 6)"
@@ -217,4 +217,5 @@ def main():
 
 
 if __name__ == "__main__":
+    cli.install()
     main()
