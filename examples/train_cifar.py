@@ -23,6 +23,7 @@ import pathlib
 import sys
 import time
 import traceback
+import warnings
 
 import minivit as mv
 from minivit import backend, checkpoint, cli, data, distributed
@@ -576,6 +577,10 @@ def train(args, out, device, world, saved):
 
 if __name__ == "__main__":
     cli.install()
+    # NumPy's overflow and invalid-value warnings of a diverging run: the run checks for
+    # NaN and infinity itself and stops with one line that says what to change
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                            RuntimeWarning)
     world = distributed.world()
     try:
         main()

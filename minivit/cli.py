@@ -131,6 +131,7 @@ def number(kind, low, low_ok=True, high=None, high_ok=False, expected=None):
                 or (high is not None and (value > high or (value == high and not high_ok)))):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
+    parse.expected = expected
     return parse
 
 

@@ -228,15 +228,6 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(train_cifar, finished_run,
     assert "allow_pickle" not in text and "\n" not in text
 
 
-def test_stale_temporary_files_are_removed_by_the_next_run(train_cifar, finished_run,
-                                                           cifar_dir):
-    stale = [finished_run / ".checkpoint.npz.a1b2c3.tmp", finished_run / ".curves.png.x9.tmp"]
-    for path in stale:
-        path.write_bytes(b"half written")
-    train_cifar.main(tiny(cifar_dir, finished_run, "--resume", "--epochs", "2"))
-    assert not any(path.exists() for path in stale)
-
-
 def test_a_log_without_a_checkpoint_is_never_overwritten(train_cifar, cifar_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
