@@ -95,7 +95,7 @@ def load_npz(path):
     except CheckpointError:
         raise
     except ValueError as e:
-        if "allow_pickle" not in str(e):
+        if "Object arrays" not in str(e):
             raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
                                   "it cannot be loaded") from None
         raise CheckpointError(f"{path} holds Python objects (pickled arrays), refused: loading "
