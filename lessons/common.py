@@ -92,7 +92,8 @@ class Lesson:
     def figure(self, fig, filename):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / filename
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        with mv.cli.writing(path):
+            fig.savefig(path, dpi=120, bbox_inches="tight")
         matplotlib.pyplot.close(fig)
         print(f"figure: {path}")
         return path

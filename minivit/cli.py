@@ -263,6 +263,18 @@ def lock_folder(folder, flag="--out"):
         os.close(fd)                      # closing it releases the lock
 
 
+@contextlib.contextmanager
+def writing(path):
+    """Name `path` in an OSError raised without a file name inside the block: a full disk's
+    "No space left on device" then says which file it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def limit_threads(n):
     """Run the BLAS library under NumPy (OpenBLAS, MKL, ...) on n threads until the returned
     object's restore_original_limits() (threadpoolctl's threadpool_limits)."""

@@ -517,6 +517,10 @@ def test_a_full_disk_names_the_file_being_written(tmp_path):
         checkpoint.atomic_write(tmp_path / "checkpoint.npz", full)
     assert cli.message(info.value) == f"error: {tmp_path / 'checkpoint.npz'}: No space left on device"
     assert list(tmp_path.iterdir()) == []                    # no temporary left behind
+    with pytest.raises(OSError) as info:                      # a figure written directly
+        with cli.writing(tmp_path / "curves.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert cli.message(info.value) == f"error: {tmp_path / 'curves.png'}: No space left on device"
 
 
 def test_the_cupy_stand_in_is_named_as_such():
