@@ -98,10 +98,13 @@ def matmul_chain(depth, size, repeat, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=cli.positive_int, default=2000, help="calls per timing round (part 1)")
-    parser.add_argument("--depth", type=cli.positive_int, default=8, help="matmuls in the chain (part 2)")
+    parser.add_argument("--repeat", type=cli.positive_int, default=2000,
+                        help="calls per timing round (part 1)")
+    parser.add_argument("--depth", type=cli.positive_int, default=8,
+                        help="matmuls in the chain (part 2)")
     parser.add_argument("--size", type=cli.positive_int, default=512, help="matrix size (part 2)")
-    parser.add_argument("--rounds", type=cli.positive_int, default=5, help="timing rounds (the best is kept)")
+    parser.add_argument("--rounds", type=cli.positive_int, default=5,
+                        help="timing rounds (the best is kept)")
     parser.add_argument("--backend", default=backend.default_backend_name(),
                         choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
     parser.add_argument("--smoke", action="store_true",

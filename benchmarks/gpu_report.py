@@ -402,15 +402,18 @@ def parse_args(argv=None):
                    help="seconds the whole report may take (default 600)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to leave out: "
                                               f"{', '.join(SECTIONS)}")
-    p.add_argument("--data-dir", type=cli.path, help="folder holding cifar-10-batches-py/, for the train section")
+    p.add_argument("--data-dir", type=cli.path,
+                   help="folder holding cifar-10-batches-py/, for the train section")
     p.add_argument("--train-minutes", type=cli.positive, default=5,
                    help="stop the training run after this many minutes (default 5)")
-    p.add_argument("--train-out", type=cli.path, help="folder for the training run's log and checkpoint "
-                                       "(default: a temporary folder, removed afterwards)")
+    p.add_argument("--train-out", type=cli.path,
+                   help="folder for the training run's log and checkpoint "
+                        "(default: a temporary folder, removed afterwards)")
     p.add_argument("--torch-runs", default="cifar-small:256",
                    help="comma-separated PRESET:BATCH runs of torch_throughput.py "
                         "(default cifar-small:256)")
-    p.add_argument("--torch-steps", type=cli.positive_int, default=30, help="timed steps per torch run")
+    p.add_argument("--torch-steps", type=cli.positive_int, default=30,
+                   help="timed steps per torch run")
     p.add_argument("--test-files", nargs="*", type=cli.path, default=[],
                    help="test files for the tests section (default: the whole suite)")
     p.add_argument("--smoke", action="store_true",

@@ -109,7 +109,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar-small")
     p.add_argument("--batch", type=cli.positive_int, default=128, help="the global batch")
-    p.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps (the median is kept)")
+    p.add_argument("--steps", type=cli.positive_int, default=10,
+                   help="timed steps (the median is kept)")
     p.add_argument("--ranks", type=cli.positive_int, nargs="+", default=[1, 2])
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

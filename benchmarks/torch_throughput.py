@@ -193,14 +193,15 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--preset", default="cifar-small", help="a minivit.nn preset")
     parser.add_argument("--batch", type=cli.positive_int, default=256)
-    parser.add_argument("--steps", type=cli.positive_int, default=20, help="timed training steps (after 2 "
-                        "warm-up steps)")
+    parser.add_argument("--steps", type=cli.positive_int, default=20,
+                        help="timed training steps (after 2 warm-up steps)")
     parser.add_argument("--baselines", type=parse_baselines, default=list(BASELINES),
                         help="comma-separated PyTorch baselines to time: eager, fast, compile "
                              "(default: all)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compile baseline (default: inductor)")
-    parser.add_argument("--json", type=cli.path, metavar="PATH", help="also write the results to this JSON file")
+    parser.add_argument("--json", type=cli.path, metavar="PATH",
+                        help="also write the results to this JSON file")
     args = parser.parse_args()
 
     backend.use(args.device)

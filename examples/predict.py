@@ -47,13 +47,15 @@ def parse_args(argv=None):
                    help="image files (any Pillow format)")
     p.add_argument("--checkpoint", type=cli.path, required=True,
                    help="minivit checkpoint (examples/train_cifar.py) or official ViT .npz")
-    p.add_argument("--labels", type=cli.path, help="class names, one per line (as many lines as classes); "
-                                    "overrides the names in the checkpoint")
+    p.add_argument("--labels", type=cli.path,
+                   help="class names, one per line (as many lines as classes); "
+                        "overrides the names in the checkpoint")
     p.add_argument("--top", type=cli.positive_int, default=5, help="classes to show per image")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32,
+                   help="images per forward pass")
     p.add_argument("--max-pixels", type=cli.positive_int, default=images.MAX_PIXELS,
                    help="refuse images with more pixels than this (decoding a huge image can "
                         "exhaust the memory)")

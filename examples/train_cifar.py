@@ -12,6 +12,11 @@ OUT/checkpoint.npz (atomically: a killed run never leaves half a checkpoint).
 uninterrupted run would: the model, the optimiser, the schedule position (the step
 count), and the randomness, which is drawn per epoch from (seed, epoch) for both the
 data order and augmentation and the dropout masks.
+
+One run at a time uses an OUT: a second one refuses, naming the process that holds it
+(an OS lock, which ends with its process however it ends).  A run whose loss or weights
+become NaN or infinite stops with one line that names the flags to change, keeping the
+checkpoint of the last good epoch.  --threads N sets the threads of NumPy's BLAS.
 """
 import argparse
 import contextlib
@@ -181,9 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--mlp-dim", type=positive_int, help="override the MLP's hidden width")
     p.add_argument("--patch-size", type=positive_int, help="override the patch size P")
     p.add_argument("--gelu", choices=["erf", "tanh"], help="exact (erf) or tanh GELU")
-    p.add_argument("--pretrained", type=cli.path, help="fine-tune from this official ViT .npz checkpoint "
-                                        "(google-research/vision_transformer); its head is "
-                                        "replaced by a zero 10-class head")
+    p.add_argument("--pretrained", type=cli.path,
+                   help="fine-tune from this official ViT .npz checkpoint "
+                        "(google-research/vision_transformer); its head is replaced by a "
+                        "zero 10-class head")
     p.add_argument("--image-size", type=positive_int,
                    help="the model's resolution: CIFAR images are upsampled to it (with "
                         "--pretrained, position embeddings are resized; default: the "

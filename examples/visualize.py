@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16,
+                   help="images per forward pass")
     return p.parse_args(argv)
 
 

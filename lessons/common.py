@@ -32,7 +32,8 @@ class Lesson:
                             choices=["numpy", "cupy"],
                             help="array backend: numpy (CPU) or cupy (GPU); default: "
                                  "$MINIVIT_BACKEND, else numpy")
-        parser.add_argument("--out", type=mv.cli.path, default=str(OUT), help="folder for the figures")
+        parser.add_argument("--out", type=mv.cli.path, default=str(OUT),
+                            help="folder for the figures")
         self.args = parser.parse_args()
         try:
             mv.backend.use(self.args.backend)
@@ -45,7 +46,8 @@ class Lesson:
         except OSError as e:
             sys.exit(f"error: --out {self.out}: cannot write there ({e.strerror or e})")
         self.failures = []
-        print(f"=== Lesson {number}: {title}   (backend: {mv.cli.backend_text(self.args.backend)}) ===")
+        print(f"=== Lesson {number}: {title}   "
+              f"(backend: {mv.cli.backend_text(self.args.backend)}) ===")
         if doc:
             print(doc.strip())
         print()

@@ -5,17 +5,22 @@ paths are taken as typed, and the programs end as command-line tools end.
    refuses in one line naming the folder and the process, and a killed run leaves no
    stale lock (test_a_second_run_into_the_same_out_is_refused).
 2. Only the temporary files this project writes (.NAME.XXXXXXXX.tmp of its own files)
-   are removed at startup; a user's .notes.tmp stays (test_only_our_own_temporary_files_
-   are_removed).
+   are removed at startup; a user's .notes.tmp stays
+   (test_only_our_own_temporary_files_are_removed).
 3. A diverging run stops with one line and a non-zero exit, keeping the last good
-   checkpoint; it never writes one with NaN in it (test_a_diverging_run_never_writes_a_
-   nan_checkpoint, test_non_finite_weights_after_an_epoch_stop_the_run).
-4. `~` is expanded in every path flag of every program (test_every_path_flag_expands_
-   the_home_folder, test_out_with_a_tilde_goes_to_the_home_folder).
+   checkpoint and never writing one with NaN in it
+   (test_a_diverging_run_never_writes_a_nan_checkpoint,
+   test_non_finite_weights_after_an_epoch_stop_the_run,
+   test_a_non_finite_test_loss_stops_the_run); loading refuses non-finite weights,
+   naming the first array (test_loading_refuses_non_finite_weights_naming_the_first).
+4. `~` is expanded in every path flag of every program
+   (test_every_path_flag_expands_the_home_folder,
+   test_out_with_a_tilde_goes_to_the_home_folder).
 5. An empty path is refused (test_an_empty_path_is_refused).
 6. Every number flag of every program refuses NaN, infinities, text and values out of
    range in argparse's usage error, naming the kind of number it takes
-   (test_every_number_flag_refuses_what_is_not_a_number_in_range).
+   (test_every_number_flag_refuses_what_is_not_a_number_in_range,
+   test_number_types_refuse_non_finite_values_and_name_the_kind).
 7. The stop on divergence names the flags that set the size of a step
    (test_the_divergence_stop_names_the_flags_that_can_cause_it).
 8. Ctrl-C ends with status 130 and a line of its own that says what exists
@@ -24,10 +29,11 @@ paths are taken as typed, and the programs end as command-line tools end.
    (test_no_progress_bar_goes_into_a_log, test_evaluation_shows_progress_on_a_terminal).
 10. Output piped into a reader that stops (`| head`) ends the program quietly
     (test_a_closed_pipe_ends_a_program_quietly).
-11. --threads N runs NumPy's BLAS on N threads for the run (test_threads_sets_the_blas_
-    thread_count).
-Then the smaller promises: counts in the singular, each figure printed once, --help
-without empty defaults, a full disk named by file, the CuPy stand-in named as such.
+11. --threads N runs NumPy's BLAS on N threads for the run
+    (test_threads_sets_the_blas_thread_count).
+Then the smaller promises: counts in the singular, each figure named once, --help
+without empty or doubled defaults, a full disk named by file, the CuPy stand-in named
+as such.
 """
 import argparse
 import errno
@@ -515,7 +521,8 @@ def test_a_full_disk_names_the_file_being_written(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OSError) as info:
         checkpoint.atomic_write(tmp_path / "checkpoint.npz", full)
-    assert cli.message(info.value) == f"error: {tmp_path / 'checkpoint.npz'}: No space left on device"
+    assert cli.message(info.value) == (f"error: {tmp_path / 'checkpoint.npz'}: "
+                                       "No space left on device")
     assert list(tmp_path.iterdir()) == []                    # no temporary left behind
     with pytest.raises(OSError) as info:                      # a figure written directly
         with cli.writing(tmp_path / "curves.png"):
