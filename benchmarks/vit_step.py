@@ -197,8 +197,10 @@ def main():
     spent, t_profiled = min((time_by_family(step, device) for _ in range(min(3, args.repeat))),
                             key=lambda r: r[1])
 
+    standin = (" on the CuPy stand-in (MINIVIT_FAKE_CUPY=1): no GPU"
+               if device == "cuda" and backend.uses_standin() else "")
     print(f"{args.preset}: {model.num_parameters():,} parameters, batch {args.batch}, "
-          f"{cli.backend_text(args.backend)} backend ({device}), host memory kept for reuse: {kept}")
+          f"{args.backend} backend ({device}){standin}, host memory kept for reuse: {kept}")
     print(f"  training step (forward + backward + SGD update)  {t_step * 1e3:9.1f} ms  "
           f"({args.batch / t_step:,.0f} images/s)")
     print(f"  its matrix products alone ({len(pairs)} matmuls x 3, {len(triples)} attentions x 6)"
