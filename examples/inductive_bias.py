@@ -201,7 +201,8 @@ def write_results(out, runs, args):
     sizes = sorted({r["train_images"] for r in runs})
     accuracy = {(r["model"], r["train_images"]): r["test_accuracy"] for r in runs}
     epochs = {r["train_images"]: r["epochs"] for r in runs}
-    lines = [f"Test accuracy (%) after {args.steps} steps of {args.batch_size} images "
+    lines = [f"Test accuracy (%) after {cli.plural(args.steps, 'step')} of "
+             f"{cli.plural(args.batch_size, 'image')} "
              f"(the same budget for every run), by training-set size.", "",
              "| training images | epochs | " + " | ".join(models) + " |",
              "| ---: | ---: |" + " ---: |" * len(models)]
@@ -222,7 +223,8 @@ def write_results(out, runs, args):
     ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
     ax.minorticks_off()
     ax.set(xlabel="training images (CIFAR-10 subset)", ylabel="test accuracy (%)",
-           title=f"Same budget per run: {args.steps} steps of {args.batch_size} images")
+           title=f"Same budget per run: {cli.plural(args.steps, 'step')} of "
+                 f"{cli.plural(args.batch_size, 'image')}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -255,26 +257,31 @@ def main(argv=None):
           f"tested on {cli.plural(len(test_x), 'image')}, backend "
           f"{cli.backend_text(args.backend)}", flush=True)
     runs, total = [], len(args.models) * len(sizes)
-    for n in sizes:
-        train_x = cifar.train_images[train_order[:n]]
-        train_y = cifar.train_labels[train_order[:n]]
-        for name in args.models:
-            t0 = time.perf_counter()
-            try:
-                model = MODELS[name](args.seed)
-            except (ImportError, ValueError) as e:
-                sys.exit(f"error: cannot build the model {name!r}: {e}")
-            model.to(device)
-            label = f"run {len(runs) + 1}/{total}: {name} on {n:,} images"
-            epochs = train(model, train_x, train_y, args, device, label)
-            accuracy = evaluate(model, test_x, test_y, device)
-            seconds = time.perf_counter() - t0
-            runs.append({"model": name, "train_images": n, "steps": args.steps,
-                         "epochs": epochs, "test_accuracy": accuracy, "seconds": seconds,
-                         "parameters": model.num_parameters()})
-            write_results(out, runs, args)
-            print(f"{label}: {epochs:.1f} epochs, test accuracy {100 * accuracy:.1f}%, "
-                  f"{seconds:.0f} s", flush=True)
+    try:
+        for n in sizes:
+            train_x = cifar.train_images[train_order[:n]]
+            train_y = cifar.train_labels[train_order[:n]]
+            for name in args.models:
+                t0 = time.perf_counter()
+                try:
+                    model = MODELS[name](args.seed)
+                except (ImportError, ValueError) as e:
+                    sys.exit(f"error: cannot build the model {name!r}: {e}")
+                model.to(device)
+                label = f"run {len(runs) + 1}/{total}: {name} on {cli.plural(n, 'image')}"
+                epochs = train(model, train_x, train_y, args, device, label)
+                accuracy = evaluate(model, test_x, test_y, device)
+                seconds = time.perf_counter() - t0
+                runs.append({"model": name, "train_images": n, "steps": args.steps,
+                             "epochs": epochs, "test_accuracy": accuracy, "seconds": seconds,
+                             "parameters": model.num_parameters()})
+                write_results(out, runs, args)
+                print(f"{label}: {epochs:.1f} epochs, test accuracy {100 * accuracy:.1f}%, "
+                      f"{seconds:.0f} s", flush=True)
+    except KeyboardInterrupt:                 # say what Ctrl-C leaves behind
+        kept = (f"the results of {cli.plural(len(runs), 'finished run')} are in "
+                f"{out / 'results.md'}" if runs else "no run had finished; nothing was written")
+        raise KeyboardInterrupt(kept) from None
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, "
           f"{out / 'accuracy_vs_data.png'}")
     return runs

@@ -100,7 +100,8 @@ def load_model(path):
         normalization = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     names = state.get("class_names")
     if names is not None and len(names) != num_classes:
-        print(f"warning: {path} has {len(names)} class names for {num_classes} classes; "
+        print(f"warning: {path} has {cli.plural(len(names), 'class name')} for "
+              f"{cli.plural(num_classes, 'class')}; "
               f"ignoring them", file=sys.stderr)
         names = None
     return model, normalization, names, "minivit checkpoint"
@@ -119,8 +120,8 @@ def read_labels(path, num_classes):
         sys.exit(f"error: the labels file {path}: line {names.index('') + 1} is blank; it needs "
                  f"one class name per line, in class order")
     if len(names) != num_classes:
-        sys.exit(f"error: the labels file {path} has {len(names)} lines but the model has "
-                 f"{num_classes} classes; it needs one class name per line, in class order")
+        sys.exit(f"error: the labels file {path} has {cli.plural(len(names), 'line')} but the "
+                 f"model has {cli.plural(num_classes, 'class')}; it needs one class name per line, in class order")
     return names
 
 
@@ -172,7 +173,7 @@ def main(argv=None):
     k = min(args.top, c.num_classes)
     model.to(device).eval()
     print(f"{args.checkpoint}: {kind}, {c.image_size}x{c.image_size} images, "
-          f"{c.num_classes} classes")
+          f"{cli.plural(c.num_classes, 'class')}")
 
     results = [None] * len(args.images)
     with mv.no_grad():

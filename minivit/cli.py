@@ -161,8 +161,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def plural(n, word):
-    """ "1 epoch", "2 epochs", "10,000 images"."""
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
+    """ "1 epoch", "2 epochs", "10,000 images", "3 classes"."""
+    return f"{n:,} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
 
 
 # --- progress lines and the end of a program -----------------------------------------------

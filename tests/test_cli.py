@@ -24,7 +24,8 @@ paths are taken as typed, and the programs end as command-line tools end.
 7. The stop on divergence names the flags that set the size of a step
    (test_the_divergence_stop_names_the_flags_that_can_cause_it).
 8. Ctrl-C ends with status 130 and a line of its own that says what exists
-   (test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint).
+   (test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint,
+   test_ctrl_c_in_the_comparison_says_which_results_are_kept).
 9. A progress bar only on a terminal, for evaluation too; a log gets none of its `\\r`
    (test_no_progress_bar_goes_into_a_log, test_evaluation_shows_progress_on_a_terminal).
 10. Output piped into a reader that stops (`| head`) ends the program quietly
@@ -409,6 +410,25 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_no_checkpoint(cifar_dir, tmp_pa
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
+def test_ctrl_c_in_the_comparison_says_which_results_are_kept(cifar_dir, tmp_path,
+                                                             monkeypatch):
+    inductive_bias = load_example("inductive_bias")
+    real, calls = inductive_bias.evaluate, []
+
+    def interrupted_in_the_second_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(inductive_bias, "evaluate", interrupted_in_the_second_run)
+    out = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt, match=rf"^the results of 1 finished run are in "
+                                                rf"{re.escape(str(out / 'results.md'))}$"):
+        inductive_bias.main(["--data-dir", str(cifar_dir), "--no-download", "--models", "cnn",
+                             "--sizes", "8", "16", "--steps", "1", "--out", str(out)])
+    assert (out / "results.md").is_file()
+
+
 # --- 9: progress ----------------------------------------------------------------------------
 
 class Terminal:
@@ -501,6 +521,7 @@ def test_counts_of_one_are_singular(train_cifar, cifar_dir, tmp_path, capsys):
     assert "training on 1 image, testing on 8; 1 step (1 epoch of 1), batch 1" in out
     assert "after 1 epoch (" in out
     assert cli.plural(0, "image") == "0 images" and cli.plural(10_000, "step") == "10,000 steps"
+    assert cli.plural(1, "class") == "1 class" and cli.plural(3, "class") == "3 classes"
 
 
 def test_each_figure_is_named_once(train_cifar, cifar_dir, tmp_path, capsys):
