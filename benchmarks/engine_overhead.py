@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import minivit as mv
-from minivit import backend
+from minivit import backend, cli
 
 
 def best_of(fn, repeat, rounds=5):
@@ -92,10 +92,13 @@ def matmul_chain(depth, size, repeat, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=2000, help="calls per timing round (part 1)")
-    parser.add_argument("--depth", type=int, default=8, help="matmuls in the chain (part 2)")
-    parser.add_argument("--size", type=int, default=512, help="matrix size (part 2)")
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the best is kept)")
+    parser.add_argument("--repeat", type=cli.positive_int, default=2000,
+                        help="calls per timing round (part 1)")
+    parser.add_argument("--depth", type=cli.positive_int, default=8,
+                        help="matmuls in the chain (part 2)")
+    parser.add_argument("--size", type=cli.positive_int, default=512, help="matrix size (part 2)")
+    parser.add_argument("--rounds", type=cli.positive_int, default=5,
+                        help="timing rounds (the best is kept)")
     parser.add_argument("--backend", default=backend.default_backend_name(),
                         choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
     parser.add_argument("--smoke", action="store_true",
@@ -108,10 +111,13 @@ def main():
         backend.use(args.backend)
     except backend.BackendError as e:
         sys.exit(f"error: {e}")
-    print(f"{args.backend} backend ({backend.default_device()})")
+    print(f"{args.backend} backend ({backend.default_device()})"
+          + (" on the CuPy stand-in (MINIVIT_FAKE_CUPY=1): no GPU" if args.backend == "cupy"
+             and backend.uses_standin() else ""))
     per_op_overhead(args.repeat, args.rounds)
     matmul_chain(args.depth, args.size, max(1, args.repeat // 400), args.rounds)
 
 
 if __name__ == "__main__":
+    cli.install()
     main()

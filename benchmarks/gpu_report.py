@@ -47,7 +47,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                   # run from a checkout without installing
 
-from minivit import backend  # noqa: E402
+from minivit import backend, cli  # noqa: E402
 
 SECTIONS = ("gpu", "warmup", "tests", "vit_step", "torch", "train")
 TITLES = {"gpu": "GPU and software", "warmup": "Warming CuPy's kernel cache",
@@ -450,21 +450,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[5:]))
-    p.add_argument("--out", help="also write the report to this Markdown file")
-    p.add_argument("--budget", type=float, default=600,
+    p.add_argument("--out", type=cli.path, help="also write the report to this Markdown file")
+    p.add_argument("--budget", type=cli.positive, default=600,
                    help="seconds the whole report may take (default 600)")
     p.add_argument("--skip", default="", help=f"comma-separated sections to leave out: "
                                               f"{', '.join(SECTIONS)}")
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/, for the train section")
-    p.add_argument("--train-minutes", type=float, default=5,
+    p.add_argument("--data-dir", type=cli.path,
+                   help="folder holding cifar-10-batches-py/, for the train section")
+    p.add_argument("--train-minutes", type=cli.positive, default=5,
                    help="stop the training run after this many minutes (default 5)")
-    p.add_argument("--train-out", help="folder for the training run's log and checkpoint "
-                                       "(default: a temporary folder, removed afterwards)")
+    p.add_argument("--train-out", type=cli.path,
+                   help="folder for the training run's log and checkpoint "
+                        "(default: a temporary folder, removed afterwards)")
     p.add_argument("--torch-runs", default="cifar-small:256",
                    help="comma-separated PRESET:BATCH runs of torch_throughput.py "
                         "(default cifar-small:256)")
-    p.add_argument("--torch-steps", type=int, default=30, help="timed steps per torch run")
-    p.add_argument("--test-files", nargs="*", default=[],
+    p.add_argument("--torch-steps", type=cli.positive_int, default=30,
+                   help="timed steps per torch run")
+    p.add_argument("--test-files", nargs="*", type=cli.path, default=[],
                    help="test files for the tests section (default: the whole suite)")
     p.add_argument("--smoke", action="store_true",
                    help="every section in seconds (tiny models, one step, a short training "
@@ -513,4 +516,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.install()
     main()

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from minivit import cli
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -106,9 +108,10 @@ def launch(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cifar-small")
-    p.add_argument("--batch", type=int, default=128, help="the global batch")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is kept)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch", type=cli.positive_int, default=128, help="the global batch")
+    p.add_argument("--steps", type=cli.positive_int, default=10,
+                   help="timed steps (the median is kept)")
+    p.add_argument("--ranks", type=cli.positive_int, nargs="+", default=[1, 2])
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -116,4 +119,5 @@ def main():
 
 
 if __name__ == "__main__":
+    cli.install()
     main()

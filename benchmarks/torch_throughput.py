@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import minivit as mv
-from minivit import backend
+from minivit import backend, cli
 from minivit.nn import VisionTransformer
 from minivit.optim import AdamW
 
@@ -195,15 +195,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--preset", default="cifar-small", help="a minivit.nn preset")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps (after 2 "
-                        "warm-up steps)")
+    parser.add_argument("--batch", type=cli.positive_int, default=256)
+    parser.add_argument("--steps", type=cli.positive_int, default=20,
+                        help="timed training steps (after 2 warm-up steps)")
     parser.add_argument("--baselines", type=parse_baselines, default=list(BASELINES),
                         help="comma-separated PyTorch baselines to time: eager, fast, compile "
                              "(default: all)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compile baseline (default: inductor)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    parser.add_argument("--json", type=cli.path, metavar="PATH",
+                        help="also write the results to this JSON file")
     parser.add_argument("--tf32", action="store_true",
                         help="matrix products on TF32 tensor cores, on both sides (GPU only)")
     args = parser.parse_args()
@@ -297,4 +298,5 @@ def main():
 
 
 if __name__ == "__main__":
+    cli.install()
     raise SystemExit(main())

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 import minivit as mv
-from minivit import backend, fast
+from minivit import backend, cli, fast
 from minivit.autograd import Function
 from minivit.ops.attention import FusedSelfAttention, ScaledDotProductAttention
 from minivit.ops.basic import Affine, MatMul
@@ -193,10 +193,10 @@ def parse_paths(text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cifar-small", help="a CIFAR preset of minivit.nn.PRESETS")
-    parser.add_argument("--batch", type=int, default=128, help="images per step")
+    parser.add_argument("--batch", type=cli.positive_int, default=128, help="images per step")
     parser.add_argument("--backend", default=backend.default_backend_name(),
                         choices=["numpy", "cupy"], help="default: $MINIVIT_BACKEND, else numpy")
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--repeat", type=cli.positive_int, default=5,
                         help="steps timed (the best is kept); the per-op shares take the best "
                              "of min(3, repeat) steps")
     parser.add_argument("--reference", action="store_true",
@@ -243,8 +243,10 @@ def main():
     spent, t_profiled = min((time_by_family(step, device) for _ in range(min(3, args.repeat))),
                             key=lambda r: r[1])
 
+    standin = (" on the CuPy stand-in (MINIVIT_FAKE_CUPY=1): no GPU"
+               if device == "cuda" and backend.uses_standin() else "")
     print(f"{args.preset}: {model.num_parameters():,} parameters, batch {args.batch}, "
-          f"{args.backend} backend ({device}), host memory kept for reuse: {kept}")
+          f"{args.backend} backend ({device}){standin}, host memory kept for reuse: {kept}")
     print(f"  fast paths off: {', '.join(fast.disabled()) or 'none'}")
     print(f"  training step (forward + backward + SGD update)  {t_step * 1e3:9.1f} ms  "
           f"({args.batch / t_step:,.0f} images/s)")
@@ -264,4 +266,5 @@ def main():
 
 
 if __name__ == "__main__":
+    cli.install()
     main()

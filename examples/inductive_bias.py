@@ -121,13 +121,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a ViT and a CNN on growing subsets of CIFAR-10 with the same "
                     "budget per run; plot test accuracy against training-set size.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=None,
+        formatter_class=cli.HelpFormatter)
+    p.add_argument("--data-dir", type=cli.path, default=None,
                    help="folder holding cifar-10-batches-py/ (default: find or download it "
                         "in the cache folder, as train_cifar.py does)")
     p.add_argument("--no-download", action="store_true",
                    help="fail instead of downloading CIFAR-10 when it is not found")
-    p.add_argument("--out", default="runs/inductive_bias", help="folder for the results")
+    p.add_argument("--out", type=cli.path, default="runs/inductive_bias",
+                   help="folder for the results")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU")
     p.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=sorted(MODELS),
@@ -137,10 +138,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=cli.positive_int, default=500,
                    help="optimiser steps per run, the same for every size and model")
     p.add_argument("--batch-size", type=cli.positive_int, default=128, help="images per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--lr", type=cli.positive, default=2e-3, help="peak learning rate")
     p.add_argument("--test-subset", type=cli.positive_int,
                    help="test on this many test images (a fixed random part; default: all)")
-    p.add_argument("--seed", type=int, default=0, help="subsets, initial weights, data order")
+    p.add_argument("--seed", type=cli.seed, default=0, help="subsets, initial weights, data order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 
@@ -156,7 +157,7 @@ def train(model, images, labels, args, device, label):
     optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, no_decay=no_decay)
     warmup = max(1, args.steps // 20)
     model.train()
-    start = last = time.perf_counter()
+    bar = cli.Progress(args.steps, f"  {label}", not args.no_progress, unit="step")
     epoch = 0
     while optimizer.steps < args.steps:
         for x, y in loader.epoch(epoch):
@@ -168,14 +169,10 @@ def train(model, images, labels, args, device, label):
             loss.backward()
             clip_grad_norm(model.parameters(), 1.0)
             optimizer.step()
-            if not args.no_progress and time.perf_counter() - last > 1:
-                last = time.perf_counter()
-                sys.stderr.write(f"\r  {label}: step {optimizer.steps}/{args.steps}, "
-                                 f"{last - start:.0f} s   ")
-                sys.stderr.flush()
+            if bar.due():
+                bar.update(optimizer.steps)
         epoch += 1
-    if not args.no_progress:
-        sys.stderr.write("\r" + " " * 70 + "\r")
+    bar.close()
     return args.steps / loader.num_batches()                      # passes over the images
 
 
@@ -204,7 +201,8 @@ def write_results(out, runs, args):
     sizes = sorted({r["train_images"] for r in runs})
     accuracy = {(r["model"], r["train_images"]): r["test_accuracy"] for r in runs}
     epochs = {r["train_images"]: r["epochs"] for r in runs}
-    lines = [f"Test accuracy (%) after {args.steps} steps of {args.batch_size} images "
+    lines = [f"Test accuracy (%) after {cli.plural(args.steps, 'step')} of "
+             f"{cli.plural(args.batch_size, 'image')} "
              f"(the same budget for every run), by training-set size.", "",
              "| training images | epochs | " + " | ".join(models) + " |",
              "| ---: | ---: |" + " ---: |" * len(models)]
@@ -225,7 +223,8 @@ def write_results(out, runs, args):
     ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
     ax.minorticks_off()
     ax.set(xlabel="training images (CIFAR-10 subset)", ylabel="test accuracy (%)",
-           title=f"Same budget per run: {args.steps} steps of {args.batch_size} images")
+           title=f"Same budget per run: {cli.plural(args.steps, 'step')} of "
+                 f"{cli.plural(args.batch_size, 'image')}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
@@ -253,30 +252,36 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     sizes = sorted(set(args.sizes))
-    print(f"{len(args.models)} models x {len(sizes)} sizes, {args.steps} steps of "
-          f"{args.batch_size} images each, tested on {len(test_x):,} images, backend "
-          f"{args.backend}", flush=True)
+    print(f"{cli.plural(len(args.models), 'model')} x {cli.plural(len(sizes), 'size')}, "
+          f"{cli.plural(args.steps, 'step')} of {cli.plural(args.batch_size, 'image')} each, "
+          f"tested on {cli.plural(len(test_x), 'image')}, backend "
+          f"{cli.backend_text(args.backend)}", flush=True)
     runs, total = [], len(args.models) * len(sizes)
-    for n in sizes:
-        train_x = cifar.train_images[train_order[:n]]
-        train_y = cifar.train_labels[train_order[:n]]
-        for name in args.models:
-            t0 = time.perf_counter()
-            try:
-                model = MODELS[name](args.seed)
-            except (ImportError, ValueError) as e:
-                sys.exit(f"error: cannot build the model {name!r}: {e}")
-            model.to(device)
-            label = f"run {len(runs) + 1}/{total}: {name} on {n:,} images"
-            epochs = train(model, train_x, train_y, args, device, label)
-            accuracy = evaluate(model, test_x, test_y, device)
-            seconds = time.perf_counter() - t0
-            runs.append({"model": name, "train_images": n, "steps": args.steps,
-                         "epochs": epochs, "test_accuracy": accuracy, "seconds": seconds,
-                         "parameters": model.num_parameters()})
-            write_results(out, runs, args)
-            print(f"{label}: {epochs:.1f} epochs, test accuracy {100 * accuracy:.1f}%, "
-                  f"{seconds:.0f} s", flush=True)
+    try:
+        for n in sizes:
+            train_x = cifar.train_images[train_order[:n]]
+            train_y = cifar.train_labels[train_order[:n]]
+            for name in args.models:
+                t0 = time.perf_counter()
+                try:
+                    model = MODELS[name](args.seed)
+                except (ImportError, ValueError) as e:
+                    sys.exit(f"error: cannot build the model {name!r}: {e}")
+                model.to(device)
+                label = f"run {len(runs) + 1}/{total}: {name} on {cli.plural(n, 'image')}"
+                epochs = train(model, train_x, train_y, args, device, label)
+                accuracy = evaluate(model, test_x, test_y, device)
+                seconds = time.perf_counter() - t0
+                runs.append({"model": name, "train_images": n, "steps": args.steps,
+                             "epochs": epochs, "test_accuracy": accuracy, "seconds": seconds,
+                             "parameters": model.num_parameters()})
+                write_results(out, runs, args)
+                print(f"{label}: {epochs:.1f} epochs, test accuracy {100 * accuracy:.1f}%, "
+                      f"{seconds:.0f} s", flush=True)
+    except KeyboardInterrupt:                 # say what Ctrl-C leaves behind
+        kept = (f"the results of {cli.plural(len(runs), 'finished run')} are in "
+                f"{out / 'results.md'}" if runs else "no run had finished; nothing was written")
+        raise KeyboardInterrupt(kept) from None
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, "
           f"{out / 'accuracy_vs_data.png'}")
     return runs

@@ -44,18 +44,21 @@ Prediction = namedtuple("Prediction", "index name probability")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Print the top-K classes of images under a Vision Transformer checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any Pillow format)")
-    p.add_argument("--checkpoint", required=True,
+        formatter_class=cli.HelpFormatter)
+    p.add_argument("images", nargs="+", type=cli.path, metavar="IMAGE",
+                   help="image files (any Pillow format)")
+    p.add_argument("--checkpoint", type=cli.path, required=True,
                    help="minivit checkpoint (examples/train_cifar.py), official ViT .npz, "
                         "timm .safetensors or Hugging Face folder")
-    p.add_argument("--labels", help="class names, one per line (as many lines as classes); "
-                                    "overrides the names in the checkpoint")
+    p.add_argument("--labels", type=cli.path,
+                   help="class names, one per line (as many lines as classes); "
+                        "overrides the names in the checkpoint")
     p.add_argument("--top", type=cli.positive_int, default=5, help="classes to show per image")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32,
+                   help="images per forward pass")
     p.add_argument("--max-pixels", type=cli.positive_int, default=images.MAX_PIXELS,
                    help="refuse images with more pixels than this (decoding a huge image can "
                         "exhaust the memory)")
@@ -104,7 +107,8 @@ def load_model(path):
         normalization = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     names = state.get("class_names")
     if names is not None and len(names) != num_classes:
-        print(f"warning: {path} has {len(names)} class names for {num_classes} classes; "
+        print(f"warning: {path} has {cli.plural(len(names), 'class name')} for "
+              f"{cli.plural(num_classes, 'class')}; "
               f"ignoring them", file=sys.stderr)
         names = None
     return model, normalization, names, "minivit checkpoint"
@@ -136,9 +140,12 @@ def read_labels(path, num_classes):
     while lines and not lines[-1].strip():           # trailing blank lines do not count
         lines.pop()
     names = [line.strip() for line in lines]
+    if "" in names:
+        sys.exit(f"error: the labels file {path}: line {names.index('') + 1} is blank; it needs "
+                 f"one class name per line, in class order")
     if len(names) != num_classes:
-        sys.exit(f"error: the labels file {path} has {len(names)} lines but the model has "
-                 f"{num_classes} classes; it needs one class name per line, in class order")
+        sys.exit(f"error: the labels file {path} has {cli.plural(len(names), 'line')} but the "
+                 f"model has {cli.plural(num_classes, 'class')}; it needs one class name per line, in class order")
     return names
 
 
@@ -190,7 +197,7 @@ def main(argv=None):
     k = min(args.top, c.num_classes)
     model.to(device).eval()
     print(f"{args.checkpoint}: {kind}, {c.image_size}x{c.image_size} images, "
-          f"{c.num_classes} classes")
+          f"{cli.plural(c.num_classes, 'class')}")
 
     results = [None] * len(args.images)
     with mv.no_grad():
@@ -198,13 +205,16 @@ def main(argv=None):
             batch, where = [], []
             for i in range(start, min(start + args.batch_size, len(args.images))):
                 path = args.images[i]
+                notes = []
                 try:
                     batch.append(images.prepare_image(path, c.image_size,
-                                                      max_pixels=args.max_pixels))
+                                                      max_pixels=args.max_pixels, notes=notes))
                     where.append(i)
                 except Exception as e:   # unreadable: report it, classify the rest
                     print(f"error: cannot read image {path}: {why_unreadable(e)}",
                           file=sys.stderr, flush=True)
+                for note in notes:
+                    print(f"note: {path}: {note}", file=sys.stderr, flush=True)
             if not batch:
                 continue
             probabilities = classify(model, np.stack(batch), normalization, device)

@@ -16,7 +16,7 @@ w = mv.tensor(rng.standard_normal((3, 2)), requires_grad=True)
 # log-mean-exp of a linear map, averaged over the batch
 loss = ((x @ w).exp().sum(axis=1, keepdims=True) / 3.0).log().mean()
 loss.backward()
-print(f"backend: {mv.backend.default_device()}   loss = {loss.item():.6f}")
+print(f"backend: {mv.cli.backend_text(mv.backend.default_device())}   loss = {loss.item():.6f}")
 print("dloss/dw =\n", mv.backend.to_numpy(w.grad))
 
 error = mv.gradcheck(lambda x, w: ((x @ w).exp().sum(axis=1, keepdims=True) / 3.0).log(), x, w)

@@ -12,8 +12,14 @@ OUT/checkpoint.npz (atomically: a killed run never leaves half a checkpoint).
 uninterrupted run would: the model, the optimiser, the schedule position (the step
 count), and the randomness, which is drawn per epoch from (seed, epoch) for both the
 data order and augmentation and the dropout masks.
+
+One run at a time uses an OUT: a second one refuses, naming the process that holds it
+(an OS lock, which ends with its process however it ends).  A run whose loss or weights
+become NaN or infinite stops with one line that names the flags to change, keeping the
+checkpoint of the last good epoch.  --threads N sets the threads of NumPy's BLAS.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +28,7 @@ import pathlib
 import sys
 import time
 import traceback
+import warnings
 
 import minivit as mv
 from minivit import backend, checkpoint, cli, data, distributed
@@ -111,8 +118,8 @@ class Settings:
                       attention_dropout=self.attention_dropout, **fields)
 
 
-positive_int, count, non_negative, probability = (cli.positive_int, cli.count,
-                                                  cli.non_negative, cli.probability)
+positive_int, count, non_negative, probability, positive = (
+    cli.positive_int, cli.count, cli.non_negative, cli.probability, cli.positive)
 
 
 def _recipes_text():
@@ -125,32 +132,33 @@ def _recipes_text():
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a Vision Transformer on CIFAR-10 with minivit (NumPy or CuPy).",
-        epilog=_recipes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_recipes_text(), formatter_class=cli.HelpFormatter)
     p.add_argument("--preset", choices=sorted(RECIPES), default=None,
                    help="training recipe (default: cpu; listed below); the flags below "
                         "override its values")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=cli.path, default=None,
                    help="folder holding cifar-10-batches-py/ (or that folder itself); "
                         "without it CIFAR-10 is found in, or downloaded to, the cache "
                         "folder ($MINIVIT_DATA, else ~/.cache/minivit/cifar10)")
     p.add_argument("--no-download", action="store_true",
                    help="fail instead of downloading CIFAR-10 when it is not found")
-    p.add_argument("--out", default="runs/cifar",
-                   help="folder for the log, curves and checkpoint (default: runs/cifar)")
+    p.add_argument("--out", type=cli.path, default="runs/cifar",
+                   help="folder for the log, curves and checkpoint (default: runs/cifar); "
+                        "one run at a time uses it")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.npz with the settings saved there "
                         "(--epochs or --steps may raise the total)")
-    p.add_argument("--seed", type=int, help="seed for initial weights, data order, "
+    p.add_argument("--seed", type=cli.seed, help="seed for initial weights, data order, "
                                             "augmentation and dropout")
     p.add_argument("--epochs", type=positive_int, help="passes over the training set")
     p.add_argument("--batch-size", type=positive_int, help="images per training step")
     p.add_argument("--accumulate", type=positive_int,
                    help="run each batch as this many smaller forward/backward passes whose "
                         "gradients add up (same result, less memory)")
-    p.add_argument("--lr", type=non_negative, help="peak learning rate (after warm-up)")
+    p.add_argument("--lr", type=positive, help="peak learning rate (after warm-up)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help="AdamW, or SGD with momentum")
     p.add_argument("--momentum", type=probability, help="SGD momentum")
     p.add_argument("--weight-decay", type=non_negative,
@@ -178,11 +186,11 @@ def parse_args(argv=None):
     p.add_argument("--mlp-dim", type=positive_int, help="override the MLP's hidden width")
     p.add_argument("--patch-size", type=positive_int, help="override the patch size P")
     p.add_argument("--gelu", choices=["erf", "tanh"], help="exact (erf) or tanh GELU")
-    p.add_argument("--pretrained", help="fine-tune from these weights: an official ViT .npz "
-                                        "(google-research/vision_transformer), a minivit "
-                                        "checkpoint, a timm .safetensors or a Hugging Face "
-                                        "folder; a head of another size is replaced by a "
-                                        "zero 10-class head")
+    p.add_argument("--pretrained", type=cli.path,
+                   help="fine-tune from these weights: an official ViT .npz "
+                        "(google-research/vision_transformer), a minivit checkpoint, a timm "
+                        ".safetensors or a Hugging Face folder; a head of another size is "
+                        "replaced by a zero 10-class head")
     p.add_argument("--image-size", type=positive_int,
                    help="the model's resolution: CIFAR images are upsampled to it (with "
                         "--pretrained, position embeddings are resized; default: the "
@@ -191,7 +199,12 @@ def parse_args(argv=None):
                    help="train on the first N training images only (quick experiments)")
     p.add_argument("--eval-batch-size", type=positive_int, default=500,
                    help="images per test batch (default: 500)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=positive_int,
+                   help="threads of the BLAS library under NumPy (default: its own choice, "
+                        "usually one per core); on a machine whose cores are busy with other "
+                        "work, --threads 1 can be several times faster")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none when stderr is not a terminal)")
     return p.parse_args(argv)
 
 
@@ -241,34 +254,6 @@ def check_writable(out):
 
 # --- one epoch ------------------------------------------------------------------------
 
-class Progress:
-    """A one-line progress bar on stderr.  `due()` says when to read the running totals
-    from the device: at most 10 times a second (each read makes the host wait for the
-    GPU), whether or not the bar is shown."""
-
-    def __init__(self, total, label, enabled=True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = self.last = time.perf_counter()
-
-    def due(self):
-        return time.perf_counter() - self.last >= 0.1
-
-    def update(self, done, text=""):
-        now = self.last = time.perf_counter()
-        if not self.enabled:
-            return
-        filled = int(30 * done / self.total)
-        rate = done / max(now - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}"
-                         f" {rate:,.0f} img/s {text}  ")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
-
-
 def train_epoch(model, optimizer, loader, epoch, s, show_progress, world=distributed.World()):
     """One epoch of training steps.  A step reads nothing back from the device: the loss
     and the correct answers are summed there, with the first step whose loss was not
@@ -286,7 +271,7 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress, world=distrib
     xp = backend.array_module(optimizer.buffers[0].data)
     loss_sum, correct, bad_step = (xp.zeros((), dtype="float64") for _ in range(3))
     seen = 0
-    bar = Progress(loader.num_images(), f"epoch {epoch + 1}/{epochs}", show_progress)
+    bar = cli.Progress(loader.num_images(), f"epoch {epoch + 1}/{epochs}", show_progress)
 
     def read():
         totals = backend.to_numpy(xp.stack([loss_sum, correct, bad_step]))   # the one read
@@ -336,13 +321,15 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress, world=distrib
 READ_EVERY = 20          # under MPI: steps between reads of the running totals
 
 
-def evaluate(model, images, labels, batch_size, mean, std, device, world=distributed.World()):
+def evaluate(model, images, labels, batch_size, mean, std, device, world=distributed.World(),
+             show_progress=False):
     """Test loss and accuracy, summed on the device and read once (under MPI each rank
     evaluates its shard of the test set and the sums are added across ranks)."""
     model.eval()
     xp = backend.module_for(device)
     loss_sum, correct = xp.zeros((), dtype="float64"), xp.zeros((), dtype="float64")
     first, last = world.shard(len(images))
+    bar = cli.Progress(last - first, "test", show_progress)
     with mv.no_grad():
         for start in range(first, last, batch_size):
             end = min(start + batch_size, last)
@@ -352,6 +339,9 @@ def evaluate(model, images, labels, batch_size, mean, std, device, world=distrib
             logits = model(mv.Tensor(x))
             loss_sum += mv.cross_entropy(logits, y).data * len(y)
             correct += mv.correct(logits, y)
+            if bar.due():
+                bar.update(end - first)
+    bar.close()
     totals = world.reduce_host(backend.to_numpy(xp.stack([loss_sum, correct])))
     return {"test_loss": float(totals[0]) / len(images),
             "test_acc": float(totals[1]) / len(images)}
@@ -388,27 +378,73 @@ def plot_curves(path, history):
 
 # --- the program ------------------------------------------------------------------------
 
+OUTPUT_FILES = ("checkpoint.npz", "log.jsonl", "curves.png")     # what a run writes to OUT
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out)
-    ckpt_path = out / "checkpoint.npz"
     world = distributed.world()            # several processes under mpiexec, else one
     device = cli.use_backend(args.backend, world.local_rank)    # one GPU per rank
     if device == "cpu":
         backend.keep_host_memory()
     if not world.is_main:                  # only rank 0 prints and writes files
         sys.stdout = open(os.devnull, "w")
+    if args.resume and not (out / "checkpoint.npz").is_file():
+        sys.exit(f"error: --resume: no checkpoint at {out / 'checkpoint.npz'}")
+    saved = {"epoch": None}                # the epoch of the checkpoint on disk
+    with contextlib.ExitStack() as held:
+        if world.is_main:                  # one run at a time in OUT
+            check_writable(out)
+            held.enter_context(cli.lock_folder(out))
+        if args.threads:
+            held.enter_context(cli.limit_threads(args.threads))
+        try:
+            return train(args, out, device, world, saved)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(what_is_kept(out / "checkpoint.npz", saved["epoch"])) from None
 
+
+def what_is_kept(ckpt_path, epoch):
+    """What a run interrupted now leaves behind, for the Ctrl-C line."""
+    if epoch is not None:
+        return f"the checkpoint after epoch {epoch} is kept at {ckpt_path}; continue with --resume"
+    if ckpt_path.is_file():                # resuming, interrupted before it was read
+        return f"the checkpoint {ckpt_path} is kept; continue with --resume"
+    return ("no checkpoint was written yet (the first epoch had not finished): there is "
+            "nothing to resume; start the run again")
+
+
+def divergence_advice(s):
+    """The flags that set the size of each step: the ones to lower when a run diverges."""
+    flags = [f"--lr (now {s.lr:g})", f"--weight-decay (now {s.weight_decay:g})"]
+    if s.optimizer == "sgd":
+        flags.append(f"--momentum (now {s.momentum:g})")
+    flags.append(f"--clip-norm (now {s.clip_norm:g}" + (": off" if not s.clip_norm else "") + ")")
+    return ("The size of each step comes from " + ", ".join(flags) + " and the warm-up "
+            "(--warmup-epochs or --warmup-steps): try a lower --lr or --weight-decay, a "
+            "smaller non-zero --clip-norm or a longer warm-up.")
+
+
+def weights_finite(optimizer):
+    """Whether every parameter is finite (no NaN, no infinity): one read from the device."""
+    xp = backend.array_module(optimizer.buffers[0].data)
+    flags = xp.stack([xp.isfinite(buffer.data).all() for buffer in optimizer.buffers])
+    return bool(backend.to_numpy(flags).all())
+
+
+def train(args, out, device, world, saved):
+    """The run, in OUT, which main holds; saved["epoch"] follows the checkpoint on disk."""
+    ckpt_path = out / "checkpoint.npz"
     state = None
     if args.resume:
-        if not ckpt_path.is_file():
-            sys.exit(f"error: --resume: no checkpoint at {ckpt_path}")
         try:
             state = checkpoint.load_checkpoint(ckpt_path)
             s = Settings(**state["settings"])
             ViTConfig(**state["config"])
         except (checkpoint.CheckpointError, KeyError, TypeError, ValueError) as e:
             sys.exit(f"error: --resume: cannot continue from {ckpt_path}: {e}")
+        saved["epoch"] = state["epoch"]
         conflicts = resume_conflicts(args, state["settings"])
         if conflicts:
             sys.exit(f"error: --resume continues {ckpt_path} with the settings saved there; "
@@ -441,9 +477,8 @@ def main(argv=None):
             s.model_config()                       # a shape that cannot work fails now
         except ValueError as e:
             sys.exit(f"error: {e}: choose other --model/--hidden-size/--num-heads/--patch-size")
-    if world.is_main:
-        check_writable(out)
-        checkpoint.remove_stale_temporaries(out)   # left by a run killed mid-write
+    if world.is_main:                              # left by a run killed mid-write
+        checkpoint.remove_stale_temporaries(out, OUTPUT_FILES)
 
     cifar = cli.find_cifar10(args.data_dir, args.no_download)
     train_x, train_y = cifar.train_images, cifar.train_labels
@@ -495,23 +530,32 @@ def main(argv=None):
     steps_per_epoch = loader.num_batches()
     total_steps, _, epochs = s.schedule(steps_per_epoch)
     print(f"{model.describe()}")
-    print(f"training on {len(train_x):,} images, testing on {len(cifar.test_images):,}; "
-          f"{total_steps} steps ({epochs} epochs of {steps_per_epoch}), batch {s.batch_size}, "
-          f"{s.optimizer} lr {s.lr:g}, backend {args.backend}"
-          + (f", {world.size} processes (MPI)" if world.size > 1 else ""))
+    print(f"training on {cli.plural(len(train_x), 'image')}, testing on "
+          f"{len(cifar.test_images):,}; {cli.plural(total_steps, 'step')} "
+          f"({cli.plural(epochs, 'epoch')} of {steps_per_epoch}), batch {s.batch_size}, "
+          f"{s.optimizer} lr {s.lr:g}, backend {cli.backend_text(args.backend)}"
+          + (f", {world.size} processes (MPI)" if world.size > 1 else ""), flush=True)
     elapsed = history[-1]["elapsed_s"] if history else 0.0
+    show_progress = world.is_main and not args.no_progress
+
+    def stop(problem):
+        kept = (f"the last good checkpoint (after epoch {saved['epoch']}) is kept at {ckpt_path}"
+                if saved["epoch"] is not None else "no checkpoint was written yet")
+        sys.exit(f"error: {problem}; stopping. {kept}. {divergence_advice(s)}")
 
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        train, problem = train_epoch(model, optimizer, loader, epoch, s,
-                                     world.is_main and not args.no_progress, world)
+        train, problem = train_epoch(model, optimizer, loader, epoch, s, show_progress, world)
         if problem:
-            kept = (f"the last good checkpoint (after epoch {epoch}) is kept at {ckpt_path}"
-                    if ckpt_path.exists() else "no checkpoint was written yet")
-            sys.exit(f"error: {problem}; stopping. {kept}. Try a lower --lr or --clip-norm.")
+            stop(problem)
         train_time = time.perf_counter() - t0
         test = evaluate(model, cifar.test_images, cifar.test_labels, args.eval_batch_size,
-                        mean, std, device, world)
+                        mean, std, device, world, show_progress)
+        if not weights_finite(optimizer):
+            stop(f"the weights became NaN or infinite in epoch {epoch + 1} (test loss "
+                 f"{test['test_loss']:g})")
+        if not math.isfinite(test["test_loss"]):
+            stop(f"the test loss became {test['test_loss']:g} after epoch {epoch + 1}")
         elapsed += time.perf_counter() - t0
         row = {"epoch": epoch + 1, **train, **test, "lr": optimizer.lr,
                "images_per_s": train["train_images"] / train_time, "elapsed_s": elapsed}
@@ -521,6 +565,8 @@ def main(argv=None):
                                        settings=dataclasses.asdict(s), history=history,
                                        normalization={"mean": list(mean), "std": list(std)},
                                        class_names=list(cifar.class_names))
+        saved["epoch"] = epoch + 1
+        if world.is_main:
             write_log(out / "log.jsonl", history)
             plot_curves(out / "curves.png", history)
         print(f"epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} "
@@ -539,20 +585,24 @@ def main(argv=None):
 
     final = history[-1] if history else None
     if final:
-        print(f"final test accuracy: {100 * final['test_acc']:.2f}% after {final['epoch']} epochs "
-              f"({final['elapsed_s'] / 60:.1f} min)")
+        print(f"final test accuracy: {100 * final['test_acc']:.2f}% after "
+              f"{cli.plural(final['epoch'], 'epoch')} ({final['elapsed_s'] / 60:.1f} min)")
     print(f"log: {out / 'log.jsonl'}\ncurves: {out / 'curves.png'}\ncheckpoint: {ckpt_path}")
     return final
 
 
 if __name__ == "__main__":
     cli.install()
+    # NumPy's overflow and invalid-value warnings of a diverging run: the run checks for
+    # NaN and infinity itself and stops with one line that says what to change
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                            RuntimeWarning)
     world = distributed.world()
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the checkpoint of the last finished epoch is kept; "
-                 "continue with --resume")
+    except KeyboardInterrupt as e:
+        cli.say_interrupted(str(e) or None)
+        sys.exit(cli.INTERRUPTED)
     except BaseException as e:
         # Under MPI a rank that stops alone would leave the others waiting in a collective
         # for ever: say why on this rank, then end every rank.  An error that every rank

@@ -50,15 +50,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Draw the paper's Fig. 6 (attention rollout) and Fig. 7 (embedding "
                     "filters, position embeddings, attention distance) for a ViT checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any Pillow format)")
-    p.add_argument("--checkpoint", required=True,
+        formatter_class=cli.HelpFormatter)
+    p.add_argument("images", nargs="*", type=cli.path, metavar="IMAGE",
+                   help="image files (any Pillow format)")
+    p.add_argument("--checkpoint", type=cli.path, required=True,
                    help="minivit checkpoint (examples/train_cifar.py) or official ViT .npz")
-    p.add_argument("--out", default="figures", help="folder for the PNG files")
+    p.add_argument("--out", type=cli.path, default="runs/figures", help="folder for the PNG files")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=backend.default_backend_name(),
                    help="numpy runs on the CPU, cupy on an NVIDIA GPU (default: "
                         "$MINIVIT_BACKEND, else numpy)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16,
+                   help="images per forward pass")
     return p.parse_args(argv)
 
 
@@ -84,10 +86,13 @@ def read_images(paths, size):
     """uint8 (N, 3, size, size) of the files; exits naming every file it cannot read."""
     arrays, bad = [], []
     for path in paths:
+        notes = []
         try:
-            arrays.append(image_files.prepare_image(path, size))
+            arrays.append(image_files.prepare_image(path, size, notes=notes))
         except Exception as e:
             bad.append(f"error: cannot read image {path}: {type(e).__name__}: {e}")
+        for note in notes:
+            print(f"note: {path}: {note}", file=sys.stderr)
     if bad:
         sys.exit("\n".join(bad))
     return np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.uint8)
@@ -124,11 +129,28 @@ def inspect_images(model, x, batch_size=16):
 
 def save(fig, path):
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    print(f"wrote {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with cli.writing(path):
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
+
+
+def draw(make, path, failed):
+    """save(make(), path), or None: a figure that does not apply to the model (make raises
+    ValueError) is left out with a note; one that cannot be drawn or written is left out
+    with an error line naming it and why, and its name goes into `failed`."""
+    try:
+        return save(make(), path)
+    except ValueError as e:
+        print(f"note: no {path.name}: {e}")
+    except Exception as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        print(f"error: could not draw {path}: {reason}", file=sys.stderr, flush=True)
+        failed.append(path.name)
+    return None
 
 
 def rollout_figure(image, rollout, title):
@@ -208,44 +230,36 @@ def distance_figure(distance, uniform, image_size):
 
 # --- the programs' entry points ------------------------------------------------------------
 
-def write_weight_figures(model, out):
-    """embedding_filters.png and position_embeddings.png (each skipped with a note where it
-    does not apply)."""
-    written = []
-    try:
+def write_weight_figures(model, out, failed):
+    """embedding_filters.png and position_embeddings.png (see draw)."""
+    def filters():
         k = min(FILTERS, *model.patch_embed.kernel.shape)
-        written.append(save(filters_figure(inspection.embedding_filters(model, k)),
-                            out / "embedding_filters.png"))
-    except ValueError as e:
-        print(f"note: no embedding_filters.png: {e}")
-    try:
-        written.append(save(position_figure(inspection.position_embedding_similarity(model)),
-                            out / "position_embeddings.png"))
-    except ValueError as e:
-        print(f"note: no position_embeddings.png: {e}")
-    return written
+        return filters_figure(inspection.embedding_filters(model, k))
+    return [draw(filters, out / "embedding_filters.png", failed),
+            draw(lambda: position_figure(inspection.position_embedding_similarity(model)),
+                 out / "position_embeddings.png", failed)]
 
 
-def write_distance_figure(model, out, distance, uniform):
+def write_distance_figure(model, out, distance, uniform, failed):
     """attention_distance.png, and the distances by block on stdout."""
     print("mean attention distance (pixels) by block, averaged over the heads: "
           + ", ".join(f"{d:.1f}" for d in distance.mean(axis=1))
           + f" (uniform attention: {uniform:.1f})")
-    return save(distance_figure(distance, uniform, model.config.image_size),
-                out / "attention_distance.png")
+    return draw(lambda: distance_figure(distance, uniform, model.config.image_size),
+                out / "attention_distance.png", failed)
 
 
-def write_model_figures(model, out_dir, images=None, batch_size=16):
+def write_model_figures(model, out_dir, images=None, batch_size=16, failed=None):
     """Write embedding_filters.png, position_embeddings.png and -- given images, normalised
     model inputs (N, C, H, W) on the host or the device -- attention_distance.png into
-    out_dir.  A figure that does not apply to the model is skipped with a note.  Returns
-    the paths written."""
-    out = pathlib.Path(out_dir)
-    written = write_weight_figures(model, out)
+    out_dir.  A figure that does not apply, or cannot be drawn, is left out with a line
+    that says why (see draw).  Returns the paths written."""
+    out, failed = pathlib.Path(out_dir), [] if failed is None else failed
+    written = write_weight_figures(model, out, failed)
     if images is not None and len(images):
         _, distance, uniform = inspect_images(model, images, batch_size)
-        written.append(write_distance_figure(model, out, distance, uniform))
-    return written
+        written.append(write_distance_figure(model, out, distance, uniform, failed))
+    return [path for path in written if path is not None]
 
 
 def main(argv=None):
@@ -260,17 +274,25 @@ def main(argv=None):
     pictures = read_images(args.images, c.image_size)
     model.to(backend.default_device())
     x = image_files.normalize_batch(pictures, normalization["mean"], normalization["std"])
-    print(f"{args.checkpoint}: {c.image_size}x{c.image_size} images, {len(pictures)} given")
+    print(f"{args.checkpoint}: {c.image_size}x{c.image_size} images, "
+          f"{cli.plural(len(pictures), 'image')} given")
 
-    out = pathlib.Path(args.out)
-    written = write_weight_figures(model, out)
+    out, failed = pathlib.Path(args.out), []
+    written = write_weight_figures(model, out, failed)
     if len(pictures):
         rollouts, distance, uniform = inspect_images(model, x, args.batch_size)
-        written.append(write_distance_figure(model, out, distance, uniform))
+        written.append(write_distance_figure(model, out, distance, uniform, failed))
         for i, (path, picture, rollout) in enumerate(zip(args.images, pictures, rollouts)):
             name = pathlib.Path(path).stem
-            written.append(save(rollout_figure(picture, rollout, f"{name}: attention rollout"),
-                                out / f"rollout_{i:02d}_{name}.png"))
+            written.append(draw(lambda: rollout_figure(picture, rollout,
+                                                       f"{name}: attention rollout"),
+                                out / f"rollout_{i:02d}_{name}.png", failed))
+    written = [path for path in written if path is not None]
+    for path in written:
+        print(f"wrote {path}")
+    if failed:
+        sys.exit(f"error: {cli.plural(len(failed), 'figure')} could not be drawn: "
+                 f"{', '.join(failed)}")
     return written
 
 

@@ -33,7 +33,8 @@ class Lesson:
                             choices=["numpy", "cupy"],
                             help="array backend: numpy (CPU) or cupy (GPU); default: "
                                  "$MINIVIT_BACKEND, else numpy")
-        parser.add_argument("--out", default=str(OUT), help="folder for the figures")
+        parser.add_argument("--out", type=mv.cli.path, default=str(OUT),
+                            help="folder for the figures")
         self.args = parser.parse_args()
         try:
             mv.backend.use(self.args.backend)
@@ -46,7 +47,8 @@ class Lesson:
         except OSError as e:
             sys.exit(f"error: --out {self.out}: cannot write there ({e.strerror or e})")
         self.failures = []
-        print(f"=== Lesson {number}: {title}   (backend: {self.args.backend}) ===")
+        print(f"=== Lesson {number}: {title}   "
+              f"(backend: {mv.cli.backend_text(self.args.backend)}) ===")
         if doc:
             print(doc.strip())
         print()
@@ -93,7 +95,8 @@ class Lesson:
     def figure(self, fig, filename):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / filename
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        with mv.cli.writing(path):
+            fig.savefig(path, dpi=120, bbox_inches="tight")
         matplotlib.pyplot.close(fig)
         print(f"figure: {path}")
         return path

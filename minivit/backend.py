@@ -134,6 +134,12 @@ def _import_cupy():
     return cupy
 
 
+def uses_standin():
+    """Whether the CuPy backend is the NumPy-backed stand-in of tests/fake_cupy
+    (MINIVIT_FAKE_CUPY=1) rather than a GPU."""
+    return os.environ.get("MINIVIT_FAKE_CUPY") == "1"
+
+
 def cupy_unavailable_reason():
     """None when the CuPy backend works here, else the reason it does not (for test skips)."""
     try:

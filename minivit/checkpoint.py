@@ -12,6 +12,7 @@ written checkpoint where a good one was.
 import json
 import os
 import pathlib
+import re
 import tempfile
 import zipfile
 
@@ -29,7 +30,9 @@ def _np():
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file next to `path`, then rename it to `path`."""
+    """Call write(file) on a temporary file next to `path` (.NAME.XXXXXXXX.tmp, mkstemp's
+    8 random characters), then rename it to `path`.  An error while writing (a full disk)
+    names `path`."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,20 +45,25 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)          # "No space left on device" says where
         raise
     return path
 
 
-def remove_stale_temporaries(folder):
-    """Delete the temporary files (.NAME.XXXX.tmp) that an interrupted atomic_write left in
-    `folder` (a process killed mid-write cannot clean up after itself).  Returns their
-    paths.  Call it only where no other process is writing, e.g. in a run's own folder."""
+def remove_stale_temporaries(folder, names):
+    """Delete the temporary files that an interrupted atomic_write(folder / NAME) left, for
+    each NAME in `names` (a process killed mid-write cannot clean up after itself): exactly
+    .NAME.XXXXXXXX.tmp, nothing else a user may keep there.  Returns their paths.  Call it
+    only where no other process is writing, e.g. in a run's own locked folder."""
+    ours = re.compile("(" + "|".join(re.escape(f".{name}.") for name in names)
+                      + r")[a-z0-9_]{8}\.tmp")
     removed = []
-    for tmp in pathlib.Path(folder).glob(".*.tmp"):
-        if tmp.is_file():
+    for tmp in sorted(pathlib.Path(folder).glob(".*.tmp")):
+        if ours.fullmatch(tmp.name) and tmp.is_file():
             tmp.unlink()
             removed.append(tmp)
     return removed
@@ -86,12 +94,27 @@ def load_npz(path):
             meta = json.loads(data["meta"].tobytes().decode())
     except CheckpointError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    except ValueError as e:
+        if "Object arrays" not in str(e):
+            raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
+                                  "it cannot be loaded") from None
+        raise CheckpointError(f"{path} holds Python objects (pickled arrays), refused: loading "
+                              "them could run code; a checkpoint holds only numbers") from None
+    except (OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); "
                               "it cannot be loaded") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: its 'meta' entry is not a JSON object")
     return arrays, meta
+
+
+def check_finite(arrays, path):
+    """Refuse weights with NaN or infinity in them (a diverged run's), naming the first array:
+    a model made from them only answers NaN."""
+    for name, a in arrays.items():
+        if a.dtype.kind in "fc" and not bool(_np().isfinite(a).all()):
+            raise CheckpointError(f"{path}: its array {name} holds non-finite values (NaN or "
+                                  "infinity), from a run that diverged; refused")
 
 
 def save_checkpoint(path, model, optimizer=None, **meta):
@@ -116,6 +139,7 @@ def load_checkpoint(path):
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}, "
                               f"expected {FORMAT!r}")
+    check_finite(arrays, path)
     try:
         return _unpack(arrays, meta)
     except (KeyError, TypeError) as e:

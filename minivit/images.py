@@ -57,24 +57,38 @@ class ImageTooLargeError(ValueError):
     """An image with more pixels than the limit: decoding it could exhaust the memory."""
 
 
-def load_image(path, max_pixels=MAX_PIXELS):
+def load_image(path, max_pixels=MAX_PIXELS, notes=None):
     """The image at `path`, upright (EXIF orientation applied) and 8-bit RGB.
 
     The size in the file's header is checked before anything is decoded: an image over
-    `max_pixels` (None: no limit) raises ImageTooLargeError.  Raises FileNotFoundError
-    for a missing file and PIL.UnidentifiedImageError or OSError for one that is not a
-    readable image."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # we check ourselves
-        with Image.open(path) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,} (decoding it would take {3 * width * height / 1e9:.1f} GB "
-                    "or more); raise the limit with --max-pixels if you mean it")
-            image.load()                         # decode now: a truncated file fails here
-            return to_rgb(ImageOps.exif_transpose(image))
+    `max_pixels` (None: no limit) raises ImageTooLargeError; this limit replaces Pillow's
+    own (Image.MAX_IMAGE_PIXELS).  Of an animated image (GIF, APNG, WebP, a multi-page
+    TIFF) the first frame is used, and a line saying so is appended to `notes` (a list,
+    if given).  Raises FileNotFoundError for a missing file and PIL.UnidentifiedImageError
+    or OSError for one that is not a readable image."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None                 # max_pixels governs, not Pillow
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return _decode(image, max_pixels, notes)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _decode(image, max_pixels, notes):
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (decoding it would take {3 * width * height / 1e9:.1f} GB "
+            "or more); raise the limit with --max-pixels if you mean it")
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and notes is not None:
+        notes.append(f"{frames} frames (animated or multi-page); the first is used")
+    image.load()                                 # decode now: a truncated file fails here
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def resize_center_crop(image, size, resample=RESAMPLE):
@@ -100,9 +114,11 @@ def image_to_array(image):
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def prepare_image(path, size, resample=RESAMPLE, max_pixels=MAX_PIXELS):
-    """uint8 (3, size, size): the file at `path` loaded, made RGB, resized and centre-cropped."""
-    return image_to_array(resize_center_crop(load_image(path, max_pixels), size, resample))
+def prepare_image(path, size, resample=RESAMPLE, max_pixels=MAX_PIXELS, notes=None):
+    """uint8 (3, size, size): the file at `path` loaded, made RGB, resized and centre-cropped
+    (`notes` as in load_image)."""
+    return image_to_array(resize_center_crop(load_image(path, max_pixels, notes), size,
+                                             resample))
 
 
 def normalize_batch(images, mean, std):

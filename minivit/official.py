@@ -62,7 +62,7 @@ import zipfile
 from dataclasses import replace
 
 from minivit import backend
-from minivit.checkpoint import atomic_write
+from minivit.checkpoint import atomic_write, check_finite
 from minivit.nn.resnet import resnet_width
 from minivit.nn.vit import ViTConfig, VisionTransformer
 
@@ -91,9 +91,16 @@ def _read_npz(path):
         if not hasattr(data, "files"):           # a single array: an .npy, not an .npz
             raise ValueError("it holds a single array, an .npy")
         with data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            arrays = {key: data[key] for key in data.files}
+    except ValueError as e:
+        if "Object arrays" in str(e):
+            raise ValueError(f"{path} holds Python objects (pickled arrays), refused: loading "
+                             "them could run code; a checkpoint holds only numbers") from None
         raise ValueError(f"{path} is not an .npz file of arrays that can be read: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not an .npz file of arrays that can be read: {e}") from None
+    check_finite(arrays, path)
+    return arrays
 
 
 def is_official(path):

@@ -28,7 +28,7 @@ def test_lesson_runs_and_passes(lesson, tmp_path, device):
                          capture_output=True, text=True, timeout=300,
                          cwd=lesson.parents[1])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"(backend: {backend_name})" in run.stdout
+    assert f"(backend: {backend_name}" in run.stdout
     assert "[PASS]" in run.stdout and "[FAIL]" not in run.stdout
     assert "All checks passed." in run.stdout
     for figure in re.findall(r"^figure: (.+)$", run.stdout, flags=re.M):

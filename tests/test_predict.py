@@ -333,6 +333,56 @@ def test_a_missing_or_unreadable_checkpoint_is_a_clear_error(predict, tmp_path):
         predict.main([str(image), "--checkpoint", str(tmp_path / "junk.npz")])
 
 
+def test_a_checkpoint_with_non_finite_weights_or_python_objects_is_refused(predict, saved,
+                                                                          tmp_path):
+    path, model = saved
+    image = str(write_images(tmp_path)["rgb.png"])
+    arrays, meta = checkpoint.load_npz(path)
+    arrays["model/blocks.0.mlp.fc1.weight"][0, 0] = np.nan
+    checkpoint.save_npz(tmp_path / "nan.npz", arrays, meta)
+    with pytest.raises(SystemExit, match=r"nan\.npz: its array model/blocks\.0\.mlp\.fc1\.weight "
+                                         r"holds non-finite values"):
+        predict.main([image, "--checkpoint", str(tmp_path / "nan.npz")])
+    arrays, meta = checkpoint.load_npz(path)
+    np.savez(tmp_path / "objects.npz", meta=arrays["model/head.bias"],
+             extra=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(SystemExit) as info:
+        predict.main([image, "--checkpoint", str(tmp_path / "objects.npz")])
+    assert "holds Python objects (pickled arrays), refused" in str(info.value)
+    assert "damaged" not in str(info.value)
+
+
+def test_max_pixels_governs_not_pillows_own_limit(tmp_path, monkeypatch):
+    """Pillow refuses images over 2 * Image.MAX_IMAGE_PIXELS (about 179 MP) whatever the
+    caller allows; --max-pixels replaces that limit in both directions."""
+    from PIL import Image
+    Image.new("RGB", (100, 50), (1, 2, 3)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)          # Pillow's bomb: > 2000
+    assert images.load_image(tmp_path / "big.png", max_pixels=10_000).size == (100, 50)
+    assert images.load_image(tmp_path / "big.png", max_pixels=None).size == (100, 50)
+    with pytest.raises(images.ImageTooLargeError, match="5,000 pixels, over the limit of 4,999"):
+        images.load_image(tmp_path / "big.png", max_pixels=4999)
+    assert Image.MAX_IMAGE_PIXELS == 1000                         # Pillow's own is kept
+
+
+def test_the_first_frame_of_an_animated_image_is_used_and_noted(predict, saved, tmp_path,
+                                                               capsys):
+    from PIL import Image
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    frames[0].save(tmp_path / "red.png")
+    path, _ = saved
+    animated, still = predict.main([str(tmp_path / "anim.gif"), str(tmp_path / "red.png"),
+                                    "--checkpoint", str(path), "--top", "10"])
+    assert [p.index for p in animated] == [p.index for p in still]
+    np.testing.assert_allclose([p.probability for p in animated],
+                               [p.probability for p in still], rtol=1e-6)
+    err = capsys.readouterr().err
+    assert f"note: {tmp_path / 'anim.gif'}: 2 frames (animated or multi-page); the first is " \
+           f"used" in err
+    assert "red.png" not in err
+
+
 # --- class names ------------------------------------------------------------------------
 
 def test_a_labels_file_names_the_classes(predict, saved, tmp_path):
@@ -348,6 +398,9 @@ def test_a_labels_file_names_the_classes(predict, saved, tmp_path):
         predict.main([image, "--checkpoint", str(path), "--labels", str(labels)])
     with pytest.raises(SystemExit, match=r"cannot read the labels file .*absent\.txt"):
         predict.main([image, "--checkpoint", str(path), "--labels", str(tmp_path / "absent.txt")])
+    labels.write_text("".join(f"label {i}\n" if i != 4 else "\n" for i in range(10)) + "\n")
+    with pytest.raises(SystemExit, match=r"labels\.txt: line 5 is blank"):
+        predict.main([image, "--checkpoint", str(path), "--labels", str(labels)])
 
 
 def test_without_names_classes_are_numbered(predict, tmp_path):

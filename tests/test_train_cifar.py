@@ -211,13 +211,24 @@ def test_pretrained_takes_dropout_and_refuses_shape_flags(train_cifar, cifar_dir
                                    "--out", str(tmp_path / "ft2")])
 
 
-@pytest.mark.parametrize("flag,value", [("--epochs", "0"), ("--batch-size", "-1"),
-                                        ("--lr", "-0.1"), ("--dropout", "1.0")])
-def test_bad_numbers_are_refused_by_the_parser(train_cifar, flag, value, capsys):
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--epochs", "0", "a positive integer"), ("--batch-size", "-1", "a positive integer"),
+    ("--lr", "-0.1", "a positive number"), ("--lr", "abc", "a positive number"),
+    ("--lr", "nan", "a positive number"), ("--lr", "inf", "a positive number"),
+    ("--dropout", "1.0", "a number >= 0 and < 1"), ("--dropout", "nan", "a number >= 0 and < 1"),
+    ("--momentum", "nan", "a number >= 0 and < 1"),
+    ("--label-smoothing", "nan", "a number >= 0 and < 1"),
+    ("--attention-dropout", "nan", "a number >= 0 and < 1"),
+    ("--clip-norm", "nan", "a number >= 0"), ("--warmup-epochs", "inf", "a number >= 0"),
+    ("--weight-decay", "1e400", "a number >= 0"), ("--seed", "-1", "an integer from 0 to"),
+    ("--seed", "1.5", "an integer from 0 to"), ("--threads", "0", "a positive integer")])
+def test_bad_numbers_are_refused_by_the_parser(train_cifar, flag, value, expected, capsys):
+    """Each in argparse's one-line usage error, before anything runs: NaN, infinities, text
+    and numbers out of range, naming the kind of number the flag takes."""
     with pytest.raises(SystemExit) as info:
         train_cifar.main([flag, value])
     assert info.value.code == 2
-    assert f"argument {flag}: expected a number" in capsys.readouterr().err
+    assert f"argument {flag}: expected {expected}" in capsys.readouterr().err
 
 
 def test_a_data_dir_without_data_is_not_a_download_target(train_cifar, tmp_path):

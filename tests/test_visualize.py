@@ -117,6 +117,32 @@ def test_a_hybrid_gets_no_filter_figure(visualize, tmp_path, capsys):
     assert "not meaningful for a hybrid" in capsys.readouterr().out
 
 
+def test_a_figure_that_cannot_be_drawn_is_named_with_the_reason(visualize, tmp_path,
+                                                               monkeypatch, capsys):
+    ckpt = minivit_checkpoint(tmp_path / "ckpt.npz")
+
+    def broken(similarity):
+        raise RuntimeError("the colour map is missing")
+    monkeypatch.setattr(visualize, "position_figure", broken)
+    (tmp_path / "figs" / "embedding_filters.png").mkdir(parents=True)    # cannot be written
+    with pytest.raises(SystemExit, match=r"^error: 2 figures could not be drawn: "
+                                         r"embedding_filters\.png, position_embeddings\.png$"):
+        visualize.main(["--checkpoint", str(ckpt), *write_images(tmp_path / "images"),
+                        "--out", str(tmp_path / "figs")])
+    err = capsys.readouterr().err
+    assert (f"error: could not draw {tmp_path / 'figs' / 'position_embeddings.png'}: "
+            f"RuntimeError: the colour map is missing") in err
+    assert f"error: could not draw {tmp_path / 'figs' / 'embedding_filters.png'}: " in err
+    assert is_png(tmp_path / "figs" / "attention_distance.png")          # the others are drawn
+    assert is_png(tmp_path / "figs" / "rollout_00_cat.png")
+
+
+def test_the_default_output_folder_is_ignored_by_git(visualize):
+    default = pathlib.PurePosixPath(visualize.parse_args(["--checkpoint", "c.npz"]).out)
+    ignored = (pathlib.Path(__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert f"/{default.parts[0]}/" in ignored, default
+
+
 def test_bad_input_is_one_line_and_a_failure(visualize, tmp_path):
     ckpt = minivit_checkpoint(tmp_path / "ckpt.npz")
     (tmp_path / "broken.png").write_text("not an image")
