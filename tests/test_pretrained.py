@@ -617,3 +617,17 @@ def test_dtype_default_and_float64(tmp_path, device):
     np.testing.assert_array_equal(logits(from_pretrained(path, dtype="float64"), x, device),
                                   logits(model, x, device))
 
+
+
+@pytest.mark.parametrize("name", ["timm_token", "hf_gelu"])
+def test_weights_with_nan_or_infinity_are_refused_naming_the_first(name, tmp_path):
+    """A diverged model answers only NaN: such weights are refused, as minivit's and the
+    official checkpoints are, with the name of the first non-finite tensor."""
+    folder = tmp_path / name
+    shutil.copytree(GOLDENS / name, folder)
+    arrays, metadata = safetensors.load(folder / "model.safetensors")
+    first = sorted(k for k in arrays if arrays[k].ndim == 2)[0]
+    arrays[first][0, 0] = np.nan
+    safetensors.save(folder / "model.safetensors", arrays, metadata)
+    with pytest.raises(mv.checkpoint.CheckpointError, match=rf"its array {first} holds non-finite"):
+        from_pretrained(folder)

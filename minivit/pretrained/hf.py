@@ -45,7 +45,7 @@ import pathlib
 import re
 
 from minivit import backend
-from minivit.checkpoint import atomic_write
+from minivit.checkpoint import atomic_write, check_finite
 from minivit.nn.vit import ViTConfig
 from minivit.pretrained import safetensors
 from minivit.pretrained.common import (Loaded, adapt, build, conv_to_kernel, kernel_to_conv,
@@ -224,6 +224,7 @@ def load_hf(path, num_classes=None, image_size=None, dtype=None):
                          f"(the number of heads, LayerNorm eps and activation are only there)")
     arrays = (safetensors.load(path)[0] if path.is_file() else _read_weights(folder))
     arrays = {k: v for k, v in arrays.items() if not IGNORED.match(k)}
+    check_finite(arrays, path)
     vit = read_config(config_json, source=str(folder / "config.json"))
     prefix = "vit." if any(k.startswith("vit.") for k in arrays) else ""
     has_head = "classifier.weight" in arrays or "classifier.bias" in arrays

@@ -51,7 +51,7 @@ import pathlib
 import re
 
 from minivit import backend
-from minivit.checkpoint import atomic_write
+from minivit.checkpoint import atomic_write, check_finite
 from minivit.nn.vit import ViTConfig
 from minivit.pretrained import safetensors
 from minivit.pretrained.common import (Loaded, adapt, build, conv_to_kernel, kernel_to_conv,
@@ -286,6 +286,7 @@ def load_timm(path, num_classes=None, image_size=None, dtype=None):
     folder (model.safetensors and timm's config.json)."""
     weights, config = _find(path)
     arrays, metadata = safetensors.load(weights)
+    check_finite(arrays, weights)
     model_args = config.get("model_args")
     if model_args is None and "model_args" in metadata:
         model_args = json.loads(metadata["model_args"])
