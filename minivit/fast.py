@@ -20,9 +20,6 @@ PATHS = {
     "affine": "a Linear layer as one node: one product over all tokens, db as column sums",
     "fused_attention": "all heads' attention as one node that reads q, k, v in place from "
                        "z U_qkv and writes their gradients into one array",
-    "head_shift": "CPU: softmax of attention shifted by each head's largest score, one "
-                  "reduction instead of one per row",
-    "contiguous_transposes": "CPU: k^T and v^T copied contiguous before the batched products",
     "blocks": "CPU: row-wise chains (GELU, attention) a cache-sized block of rows at a time",
     "blas_sums": "CPU: sums over short rows and columns as BLAS products with a ones vector",
     "float32_erf": "float32 erf as one rational function instead of Cody's in float64",

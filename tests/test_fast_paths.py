@@ -13,23 +13,18 @@ off.  The claims, each with the test that checks it:
 3. fused_attention: FusedSelfAttention equals split_heads -> attention -> merge_heads,
    with and without a dropout mask, weights included
    (test_fused_self_attention_equals_the_composition).
-4. head_shift: the softmax shifted by each head's largest score equals softmax, also
-   where rows lie 300 below their head's largest score, in float32 and float64
-   (test_the_head_shift_softmax_equals_softmax).
-5. contiguous_transposes: the copy holds the transpose's values
-   (test_contiguous_transpose_equals_the_view).
-6. blocks: covered in test_blocks.py, which runs GELU and attention one row at a time.
-7. blas_sums: row and column sums as BLAS products equal NumPy's sums
+4. blocks: covered in test_blocks.py, which runs GELU and attention one row at a time.
+5. blas_sums: row and column sums as BLAS products equal NumPy's sums
    (test_blas_sums_equal_sums).
-8. float32_erf: within 5e-7 of erf computed in float64
+6. float32_erf: within 5e-7 of erf computed in float64
    (test_float32_erf_is_within_5e_7_of_erf).
-9. flat_optimizer: whole-buffer SGD and AdamW updates equal the textbook per-tensor
+7. flat_optimizer: whole-buffer SGD and AdamW updates equal the textbook per-tensor
    update, step after step, with weight decay, no_decay, momentum and Nesterov
    (test_whole_buffer_updates_equal_the_per_tensor_reference), and clipping over the
    buffers equals clipping tensor by tensor (test_clipping_over_buffers_equals_per_tensor).
-10. The switch: MINIVIT_REFERENCE=1 turns every fast path off, use_reference turns them
-    off and on by name, and an unknown name is refused
-    (test_the_switch_by_environment_and_by_name).
+8. The switch: MINIVIT_REFERENCE=1 turns every fast path off, use_reference turns them
+   off and on by name, and an unknown name is refused
+   (test_the_switch_by_environment_and_by_name).
 """
 import os
 import subprocess
@@ -41,7 +36,6 @@ import pytest
 import minivit as mv
 from minivit import backend, fast
 from minivit.nn import VisionTransformer
-from minivit.ops import attention as attention_ops
 from minivit.ops.basic import column_sum, row_sum
 from minivit.ops.special import erf, erf_float32
 from minivit.optim import SGD, AdamW, clip_grad_norm
@@ -123,26 +117,6 @@ def test_fused_self_attention_equals_the_composition(device, rng, masked):
         return out.data, weights.data, qkv.grad
     for got, want, what in zip(*both_paths(run), ("out", "weights", "dqkv")):
         assert_close(got, want, what)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_head_shift_softmax_equals_softmax(rng, dtype):
-    s = rng.standard_normal((2, 3, 4, 6)).astype(dtype) * 3
-    s[0, 1, 2] -= 300                  # a row far below its head's largest score
-    want = np.exp(s - s.max(-1, keepdims=True))
-    want /= want.sum(-1, keepdims=True)
-    got = attention_ops.softmax_head_shift(s.copy())
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-13, atol=0)
-
-
-def test_contiguous_transpose_equals_the_view(device, rng):
-    x = backend.asarray(rng.standard_normal((2, 3, 4)), device=device)
-    t = attention_ops.contiguous_transpose(x)
-    assert t.shape == (2, 4, 3)
-    np.testing.assert_array_equal(backend.to_numpy(t), backend.to_numpy(x).swapaxes(-1, -2))
-    if device == "cpu":
-        assert t.flags.c_contiguous
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 65), (2, 4, 192)])

@@ -93,10 +93,8 @@ class FusedSelfAttention(Function):
         dA' = g v^T, sum_j dA_ij A_ij = sum_j (g_i . v_j) A'_ij = g_i . (sum_j A'_ij v_j),
         a dot product of two D_h-vectors per row instead of a sum over T_k (the "D" term
         of FlashAttention's backward; it holds with the mask too);
-      - on the CPU, a block of images at a time (minivit/blocks.py), with the softmax
-        shifted once per head (softmax_head_shift) and k^T, v^T made contiguous
-        (contiguous_transpose);
-      - softmax is computed in place where the reference makes new arrays.
+      - on the CPU, a block of images at a time (minivit/blocks.py);
+      - the softmax and dS are computed in place where the reference makes new arrays.
     """
 
     def __init__(self, num_heads, dropout_mask=None):
@@ -133,8 +131,10 @@ class FusedSelfAttention(Function):
 
 def _fused_forward(q, k, v, mask):
     """(out, A): ScaledDotProductAttention's forward on raw arrays, for the fused node."""
-    s = (q * (1 / math.sqrt(q.shape[-1]))) @ contiguous_transpose(k)   # S = c q k^T
-    a = softmax_head_shift(s) if _cpu_fast(s, "head_shift") else _softmax_in_place(s)
+    s = (q * (1 / math.sqrt(q.shape[-1]))) @ k.swapaxes(-1, -2)      # S = c q k^T
+    s -= s.max(axis=-1, keepdims=True)            # softmax, in place: shift by the rows' maxima,
+    a = backend.array_module(s).exp(s, out=s)
+    a /= row_sum(a, keepdims=True)                # exp, normalise
     return (a if mask is None else a * mask) @ v, a
 
 
@@ -142,57 +142,13 @@ def _fused_backward(g, q, k, v, a, mask, out):
     """(dq, dk, dv) on raw arrays, for the fused node (row sum as g . out)."""
     c = 1 / math.sqrt(q.shape[-1])
     dv = (a if mask is None else a * mask).swapaxes(-1, -2) @ g
-    da = g @ contiguous_transpose(v)
+    da = g @ v.swapaxes(-1, -2)
     if mask is not None:
         da *= mask
-    da -= row_sum(g * out, keepdims=True)         # dA - sum_j dA_ij A_ij = dA - g_i . out_i
-    ds = da
-    ds *= a                                       # dS = A * (dA - ...), in place
+    ds = da                                       # dS = A * (dA - g_i . out_i), in place
+    ds -= row_sum(g * out, keepdims=True)
+    ds *= a
     return ds @ (k * c), ds.swapaxes(-1, -2) @ (q * c), dv
-
-
-def _cpu_fast(x, name):
-    return fast.enabled(name) and backend.device_of(x) == "cpu"
-
-
-def _softmax_in_place(s):
-    """softmax over the last axis of s, shifted by the rows' maxima, overwriting s."""
-    s -= s.max(axis=-1, keepdims=True)
-    e = backend.array_module(s).exp(s, out=s)
-    e /= row_sum(e, keepdims=True)
-    return e
-
-
-def softmax_head_shift(s):
-    """Fast path (CPU): softmax over the last axis of scores s (..., T_q, T_k) shifted by
-    each head's largest score, one reduction over T_q x T_k where the rows' maxima are
-    T_q short ones.
-
-    exp(s - m) / sum exp(s - m) is the same for any shift m of a row, and with m the
-    head's largest score every exp is still <= 1.  It is just as safe as the rows'
-    maxima unless some row lies more than ~80 below it: then that row's exps would fall
-    towards float32's underflow.  Its sum tells (sum >= the row's largest exp), so
-    such a head's rows are shifted by their own maxima instead (it reads the sums'
-    minimum, so it is for the CPU, where that costs no device read).
-    """
-    e = backend.array_module(s).exp(s - s.max(axis=(-2, -1), keepdims=True))
-    sums = row_sum(e, keepdims=True)
-    if sums.min() > s.shape[-1] * _SMALLEST_EXP:              # every row's largest exp
-        e /= sums                                             # is >= e^-80: normal
-        return e
-    return _softmax_in_place(s)
-
-
-_SMALLEST_EXP = math.exp(-80)     # well above float32's smallest normal number, 1.2e-38
-
-
-def contiguous_transpose(x):
-    """x^T (the last two axes swapped) as a right-hand matmul operand.  Fast path (CPU):
-    a contiguous copy, as BLAS multiplies by the transpose of a small matrix more
-    slowly than the copy costs; elsewhere the view."""
-    xt = x.swapaxes(-1, -2)
-    return backend.array_module(x).ascontiguousarray(xt) if _cpu_fast(x, "contiguous_transposes") \
-        else xt
 
 
 def _by_rows(body, *arrays):

@@ -37,20 +37,22 @@ class LayerNorm(Function):
                                  f"last axis of x (shape {tuple(x.shape)}), got "
                                  f"{tuple(p.shape)}")
         xp = array_module(x)
-        mu = row_mean(x, keepdims=True)
-        centred = x - mu
+        centred = x - row_mean(x, keepdims=True)                      # x - mu
         sigma = xp.sqrt(row_mean(centred * centred, keepdims=True) + self.eps)
         self.inv_sigma = 1 / sigma
-        self.x_hat = centred * self.inv_sigma
+        self.x_hat = xp.multiply(centred, self.inv_sigma, out=centred)   # centred is done with
         self.gamma = gamma
         self.dtypes = x.dtype, gamma.dtype, beta.dtype
-        return self.x_hat * gamma + beta
+        y = self.x_hat * gamma
+        y += beta
+        return y
 
     def backward(self, dy):
         x_hat = self.x_hat
         g = dy * self.gamma                                   # dL/dx_hat
-        dx = (g - row_mean(g, keepdims=True) - x_hat * row_mean(g * x_hat, keepdims=True)) \
-            * self.inv_sigma
+        dx = g - row_mean(g, keepdims=True)                   # dx = (g - mean(g)
+        dx -= x_hat * row_mean(g * x_hat, keepdims=True)      #       - x_hat mean(g x_hat))
+        dx *= self.inv_sigma                                  #      / sigma
         dgamma = column_sum(dy * x_hat)
         dbeta = column_sum(dy)
         return tuple(grad.astype(dtype, copy=False)
