@@ -66,6 +66,20 @@ def load_example(name):
     return module
 
 
+@pytest.fixture(scope="module")
+def train_cifar():
+    """examples/train_cifar.py as a module: tests call its main(argv)."""
+    return load_example("train_cifar")
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    """A tiny CIFAR-10 in the official layout: 40 training images, 8 test images."""
+    from test_data import write_cifar
+    write_cifar(tmp_path / "data", n=8)
+    return tmp_path / "data"
+
+
 @pytest.fixture
 def keep_default_backend(monkeypatch):
     """For tests that run a program's main(--backend ...), which sets the process-wide

@@ -53,22 +53,12 @@ import pytest
 
 from minivit import checkpoint, cli
 from conftest import load_example
-from test_data import write_cifar
 
 pytestmark = pytest.mark.usefixtures("keep_default_backend")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def train_cifar():
-    return load_example("train_cifar")
-
-
-@pytest.fixture
-def cifar_dir(tmp_path):
-    write_cifar(tmp_path / "data", n=8)               # 40 training images, 8 test images
-    return tmp_path / "data"
 
 
 def tiny(cifar_dir, out, *extra):

@@ -28,7 +28,6 @@ import pytest
 import minivit as mv
 from minivit import checkpoint
 from minivit.data import cifar
-from conftest import load_example
 from test_data import write_cifar
 
 pytestmark = pytest.mark.usefixtures("keep_default_backend")
@@ -138,15 +137,6 @@ def test_train_cifar_names_a_damaged_batch_in_one_line(tmp_path):
 
 # --- train_cifar.py ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def train_cifar():
-    return load_example("train_cifar")
-
-
-@pytest.fixture
-def cifar_dir(tmp_path):
-    write_cifar(tmp_path / "data", n=8)
-    return tmp_path / "data"
 
 
 def tiny(cifar_dir, out, *extra):

@@ -16,20 +16,10 @@ import pytest
 
 import minivit as mv
 from minivit import checkpoint
-from conftest import backend_flag, load_example
-from test_data import write_cifar
+from conftest import backend_flag
 
 pytestmark = pytest.mark.usefixtures("keep_default_backend")
 
-@pytest.fixture(scope="module")
-def train_cifar():
-    return load_example("train_cifar")
-
-
-@pytest.fixture
-def cifar_dir(tmp_path):
-    write_cifar(tmp_path / "data", n=8)               # 40 training images, 8 test images
-    return tmp_path / "data"
 
 
 def args(cifar_dir, out, *extra):

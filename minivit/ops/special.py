@@ -7,7 +7,6 @@ need, so here it is written out: W. J. Cody's rational approximations (the refer
 accurate to float64 rounding) and, for float32 input, the single rational function
 that Eigen and XLA use (a fast path).
 """
-import math
 
 from minivit import backend, fast
 from minivit.autograd import Tensor
