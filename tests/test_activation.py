@@ -38,6 +38,8 @@ from minivit import backend
 from minivit.ops.activation import (GELU, Softmax, dropout, erf, gelu, log_softmax,
                                     softmax)
 
+from conftest import as_numpy, numpy_grad
+
 
 def _t(a, device, requires_grad=True):
     return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad,
@@ -69,7 +71,7 @@ def test_erf_matches_math_erf_to_float64_rounding(device):
     """Cody's approximation is good to a few units in the last place (ulp) of float64."""
     x = _erf_points()
     expected = np.array([math.erf(v) for v in x])
-    got = backend.to_numpy(erf(backend.asarray(x, device=device)))
+    got = as_numpy(erf(backend.asarray(x, device=device)))
     assert got.dtype == np.float64
     ulps = np.abs(got - expected) / np.spacing(np.abs(expected))
     assert ulps.max() <= 8, f"erf is {ulps.max()} ulp off at x = {x[ulps.argmax()]!r}"
@@ -83,7 +85,7 @@ def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
     x = _erf_points()
     x = x[np.abs(x) < 1e30].astype(np.float32)              # float32 holds these
     expected = np.array([math.erf(float(v)) for v in x])     # erf of the float32 values
-    got = backend.to_numpy(erf(backend.asarray(x, device=device)))
+    got = as_numpy(erf(backend.asarray(x, device=device)))
     assert got.dtype == np.float32
     normal = np.abs(x) >= np.finfo(np.float32).tiny          # subnormals keep fewer digits
     ulps32 = np.abs(got - expected) / np.spacing(np.abs(expected).astype(np.float32))
@@ -92,12 +94,12 @@ def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
 
 
 def test_erf_special_values(device):
-    got = backend.to_numpy(erf(backend.asarray([0.0, -0.0, np.inf, -np.inf, np.nan],
+    got = as_numpy(erf(backend.asarray([0.0, -0.0, np.inf, -np.inf, np.nan],
                                                device=device)))
     np.testing.assert_array_equal(got[:4], [0.0, 0.0, 1.0, -1.0])
     assert np.signbit(got[1]) and np.isnan(got[4])
     # odd function, and integer input is computed in float64
-    ints = backend.to_numpy(erf(backend.asarray([-2, -1, 0, 1, 2], device=device)))
+    ints = as_numpy(erf(backend.asarray([-2, -1, 0, 1, 2], device=device)))
     assert ints.dtype == np.float64
     np.testing.assert_array_equal(ints, -ints[::-1])
     np.testing.assert_allclose(ints[3:], [math.erf(1), math.erf(2)], rtol=1e-15)
@@ -134,7 +136,7 @@ def test_gelu_backward_is_phi_plus_x_times_density(device, rng):
     t = _t(x, device)
     gelu(t).backward(backend.asarray(g, device=device))
     expected = g * np.vectorize(_gelu_erf_derivative)(x)
-    np.testing.assert_allclose(backend.to_numpy(t.grad), expected, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(numpy_grad(t), expected, rtol=1e-13, atol=1e-15)
 
 
 def test_gelu_tanh_backward_matches_autograd_of_its_composition(device, rng):
@@ -147,7 +149,7 @@ def test_gelu_tanh_backward_matches_autograd_of_its_composition(device, rng):
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14, atol=1e-15)
     ya.backward(g)
     yb.backward(g)
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-12, atol=1e-14)
 
 
@@ -206,7 +208,7 @@ def test_softmax_matches_exp_over_sum_forward_and_backward(device, rng, axis):
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14)
     ya.backward(g)
     yb.backward(g)
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-11, atol=1e-14)
 
 
@@ -219,7 +221,7 @@ def test_softmax_backward_is_the_jacobian_vector_product(device, rng):
     yn = y.numpy()
     for r in range(3):
         jacobian = np.diag(yn[r]) - np.outer(yn[r], yn[r])
-        np.testing.assert_allclose(backend.to_numpy(t.grad)[r], jacobian.T @ g[r],
+        np.testing.assert_allclose(numpy_grad(t)[r], jacobian.T @ g[r],
                                    rtol=1e-12, atol=1e-15)
 
 
@@ -251,8 +253,8 @@ def test_a_ones_cotangent_cannot_see_the_missing_y(device, rng):
     ones = backend.asarray(np.ones((2, 5)), device=device)
     softmax(right).backward(ones)
     SoftmaxWithoutLeadingY(-1)(wrong).backward(ones)
-    np.testing.assert_allclose(backend.to_numpy(right.grad), 0, atol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(wrong.grad), 0, atol=1e-15)
+    np.testing.assert_allclose(numpy_grad(right), 0, atol=1e-15)
+    np.testing.assert_allclose(numpy_grad(wrong), 0, atol=1e-15)
 
 
 def test_softmax_and_log_softmax_are_stable_for_huge_logits(device, rng):
@@ -266,7 +268,7 @@ def test_softmax_and_log_softmax_are_stable_for_huge_logits(device, rng):
         t = _t(x, device)
         y = f(t)
         y.backward(backend.asarray(rng.standard_normal((4, 6)), device=device))
-        assert np.isfinite(y.numpy()).all() and np.isfinite(backend.to_numpy(t.grad)).all()
+        assert np.isfinite(y.numpy()).all() and np.isfinite(numpy_grad(t)).all()
         np.testing.assert_allclose(y.numpy(), expected[f], rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(softmax(_t(x, device)).numpy().sum(-1), 1, rtol=1e-14)
 
@@ -284,7 +286,7 @@ def test_log_softmax_forward_and_backward_match_a_composition(device, rng, axis)
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14)
     ya.backward(g)
     yb.backward(g)
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-11, atol=1e-14)
 
 
@@ -348,7 +350,7 @@ def test_dropout_backward_is_g_times_mask_over_keep_probability(device, rng):
     y = dropout(x, 0.3, mask=backend.asarray(mask, device=device))
     y.backward(backend.asarray(g, device=device))
     np.testing.assert_allclose(y.numpy(), x.numpy() * mask / 0.7, rtol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(x.grad), g * mask / 0.7, rtol=1e-15)
+    np.testing.assert_allclose(numpy_grad(x), g * mask / 0.7, rtol=1e-15)
 
 
 def test_dropout_gradcheck_with_a_fixed_mask(device, rng):

@@ -46,6 +46,8 @@ from minivit import backend
 from minivit.ops.attention import (ScaledDotProductAttention, attention, merge_heads,
                                    multi_head_attention, self_attention, split_heads)
 
+from conftest import as_numpy, numpy_grad
+
 
 def t(array, device, requires_grad=True):
     return mv.tensor(array, requires_grad=requires_grad, device=device)
@@ -203,7 +205,7 @@ def test_fused_equals_composition(device, rng, masked):
         out.backward(mv.tensor(g, device=device))
         results.append([out.numpy()] + [x.grad for x in tensors])
     for fused, composed in zip(*results):
-        np.testing.assert_allclose(mv.backend.to_numpy(fused), mv.backend.to_numpy(composed),
+        np.testing.assert_allclose(as_numpy(fused), as_numpy(composed),
                                    rtol=1e-10, atol=1e-12)
 
 
@@ -328,8 +330,8 @@ def test_self_attention_equals_split_attention_merge(device, rng, shape, masked)
     assert fused.shape == composed.shape == shape[:-1] + (d,)
     np.testing.assert_allclose(fused.numpy(), composed.numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(fused_weights.numpy(), weights.numpy(), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(fused_in.grad),
-                               backend.to_numpy(composed_in.grad), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(numpy_grad(fused_in),
+                               numpy_grad(composed_in), rtol=1e-12, atol=1e-13)
     assert not fused_weights.requires_grad
 
 

@@ -21,6 +21,8 @@ import pytest
 import minivit as mv
 from minivit.autograd import Function
 
+from conftest import numpy_grad
+
 
 def test_issue_example(device):
     rng = np.random.default_rng(0)
@@ -33,8 +35,8 @@ def test_issue_example(device):
     # d loss / d (xw)_ij = softmax_ij / 4, so dx = P w^T / 4 and dw = x^T P / 4.
     z = x_np @ w_np
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) / 4
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), p @ w_np.T, rtol=1e-12)
-    np.testing.assert_allclose(mv.backend.to_numpy(w.grad), x_np.T @ p, rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(x), p @ w_np.T, rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(w), x_np.T @ p, rtol=1e-12)
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert mv.gradcheck(lambda x, w: ((x @ w).exp().sum() / 3.0).log(), x, w) < 1e-6
 
@@ -43,14 +45,14 @@ def test_diamond_accumulates_both_paths(device):
     x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
     a = x * 3.0
     (a * a).sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [18.0, 36.0])
+    np.testing.assert_allclose(numpy_grad(x), [18.0, 36.0])
 
 
 def test_tensor_used_many_times_in_one_op_and_across_ops(device):
     x = mv.tensor([2.0], requires_grad=True, device=device)
     y = x * x + x * 4.0 - x            # dy/dx = 2x + 3 = 7
     y.sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [7.0])
+    np.testing.assert_allclose(numpy_grad(x), [7.0])
 
 
 def test_chain_of_10000_ops_has_no_recursion_error(device):
@@ -59,7 +61,7 @@ def test_chain_of_10000_ops_has_no_recursion_error(device):
     for _ in range(10_000):
         y = y * 1.0001
     y.sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [1.0001 ** 10_000], rtol=1e-9)
+    np.testing.assert_allclose(numpy_grad(x), [1.0001 ** 10_000], rtol=1e-9)
 
 
 def test_no_grad_builds_no_graph(device):
@@ -97,7 +99,7 @@ def test_second_backward_needs_retain_graph(device):
     loss = (x * x).sum()
     loss.backward(retain_graph=True)
     loss.backward()                          # the graph was kept for this second pass
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [12.0])   # 6 + 6: grads accumulate
+    np.testing.assert_allclose(numpy_grad(x), [12.0])   # 6 + 6: grads accumulate
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         loss.backward()
 
@@ -110,7 +112,7 @@ def test_backward_needs_a_scalar_or_a_gradient(device):
         (x * 2.0).backward(np.ones(3))
     y = x * 2.0
     y.backward(mv.backend.to_device(np.array([1.0, 10.0]), device))
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [2.0, 20.0])
+    np.testing.assert_allclose(numpy_grad(x), [2.0, 20.0])
 
 
 def test_leaf_grads_never_alias(device):
@@ -118,14 +120,14 @@ def test_leaf_grads_never_alias(device):
     b = mv.tensor([1.0], requires_grad=True, device=device)
     (a + b).sum().backward()                 # Add hands the same g to both inputs
     a.grad *= 5
-    np.testing.assert_allclose(mv.backend.to_numpy(b.grad), [1.0])
+    np.testing.assert_allclose(numpy_grad(b), [1.0])
 
 
 def test_retain_grad_keeps_an_intermediate_gradient(device):
     x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
     h = (x * 3.0).retain_grad()
     (h * h).sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(h.grad), [6.0, 12.0])     # 2h
+    np.testing.assert_allclose(numpy_grad(h), [6.0, 12.0])     # 2h
     other = x * 3.0
     assert other.grad is None
 
@@ -135,7 +137,7 @@ def test_only_inputs_that_require_grad_get_one(device):
     c = mv.tensor([5.0], device=device)
     (x * c).sum().backward()
     assert c.grad is None
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [5.0])
+    np.testing.assert_allclose(numpy_grad(x), [5.0])
 
 
 def test_tensor_attributes(device):
@@ -180,7 +182,7 @@ def test_ndarray_on_the_left_defers_to_tensor(device):
     y = a * x
     assert isinstance(y, mv.Tensor)
     y.sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [3.0, 4.0])
+    np.testing.assert_allclose(numpy_grad(x), [3.0, 4.0])
 
 
 def test_a_wrong_gradient_dtype_is_reported(device):

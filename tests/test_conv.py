@@ -54,13 +54,11 @@ from minivit.ops.conv import max_pool2d, weight_standardize
 from minivit.ops.norm import group_norm, layer_norm
 from minivit.ops.patch import col2im, conv2d, im2col, same_padding
 
+from conftest import numpy_grad
+
 
 def _t(a, device, requires_grad=True):
     return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad, device=device)
-
-
-def _grad(t):
-    return backend.to_numpy(t.grad)
 
 
 def distinct(rng, shape):
@@ -200,7 +198,7 @@ def test_max_pool_matches_loops_forward_and_backward(device, rng, shape):
     dx = np.zeros_like(x)                     # each window's g lands on its maximum
     for (b, c, r, s), (h, v) in where.items():
         dx[b, c, h, v] += g[b, c, r, s]
-    np.testing.assert_allclose(_grad(t), dx, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(t), dx, rtol=1e-14, atol=1e-14)
 
 
 def test_max_pool_pads_with_minus_infinity(device):
@@ -220,7 +218,7 @@ def test_a_tie_sends_the_gradient_to_the_first_maximum(device):
     x = _t(np.ones((1, 1, 2, 2)), device)
     y = max_pool2d(x, 2, 2, "VALID")
     y.backward(backend.asarray(np.full((1, 1, 1, 1), 3.0), device=device))
-    np.testing.assert_array_equal(_grad(x)[0, 0], [[3, 0], [0, 0]])
+    np.testing.assert_array_equal(numpy_grad(x)[0, 0], [[3, 0], [0, 0]])
 
 
 def test_max_pool_rejects_bad_input(device):
@@ -276,7 +274,7 @@ def test_weight_standardize_backward_follows_the_derived_formula(device, rng):
     d = s + 1e-5
     w_hat = (w - w.mean(axis=(0, 1, 2), keepdims=True)) / d
     mean = lambda a: a.mean(axis=(0, 1, 2), keepdims=True)            # noqa: E731
-    np.testing.assert_allclose(_grad(t), (g - mean(g)) / d - w_hat * mean(g * w_hat) / s,
+    np.testing.assert_allclose(numpy_grad(t), (g - mean(g)) / d - w_hat * mean(g * w_hat) / s,
                                rtol=1e-12, atol=1e-14)
 
 
@@ -346,10 +344,10 @@ def test_group_norm_backward_follows_the_derived_formula(device, rng):
     x_hat = (groups - groups.mean(-1, keepdims=True)) / sigma
     g = (dy * gamma.numpy()[:, None, None]).reshape(B, G, -1)
     dx = (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True)) / sigma
-    np.testing.assert_allclose(_grad(t), dx.reshape(x.shape), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(numpy_grad(t), dx.reshape(x.shape), rtol=1e-12, atol=1e-13)
     x_hat = x_hat.reshape(x.shape)
-    np.testing.assert_allclose(_grad(gamma), (dy * x_hat).sum((0, 2, 3)), rtol=1e-12)
-    np.testing.assert_allclose(_grad(beta), dy.sum((0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(gamma), (dy * x_hat).sum((0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(beta), dy.sum((0, 2, 3)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape,G", [((2, 6, 2, 3), 3), ((1, 4, 3, 3), 1), ((2, 4, 2, 2), 4)])

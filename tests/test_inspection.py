@@ -46,6 +46,8 @@ import minivit as mv
 from minivit import backend, inspection
 from minivit.nn import VisionTransformer
 
+from conftest import as_numpy
+
 TINY = dict(image_size=8, patch_size=2, num_classes=3, hidden_size=8, depth=2, num_heads=2,
             mlp_dim=12)
 
@@ -59,7 +61,7 @@ def images(n=2, size=8, seed=0):
 
 
 def host(t):
-    return backend.to_numpy(t.data if isinstance(t, mv.Tensor) else t).astype(np.float64)
+    return as_numpy(t.data if isinstance(t, mv.Tensor) else t).astype(np.float64)
 
 
 # --- the definitions, with loops ------------------------------------------------------

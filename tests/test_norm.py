@@ -27,6 +27,8 @@ import minivit as mv
 from minivit import backend
 from minivit.ops.norm import LayerNorm, layer_norm
 
+from conftest import numpy_grad
+
 
 def _t(a, device, requires_grad=True):
     return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad,
@@ -57,7 +59,7 @@ def test_layer_norm_matches_its_composition_forward_and_backward(device, rng, sh
     ya.backward(g)
     yb.backward(g)
     for fused, composed in ((a, b), (gamma, ga), (beta, ba)):
-        np.testing.assert_allclose(backend.to_numpy(fused.grad), backend.to_numpy(composed.grad),
+        np.testing.assert_allclose(numpy_grad(fused), numpy_grad(composed),
                                    rtol=1e-10, atol=1e-13)
 
 
@@ -90,10 +92,10 @@ def test_layer_norm_backward_follows_the_derived_formula(device, rng):
     x_hat = (x - x.mean(-1, keepdims=True)) / sigma
     g = dy * gamma.numpy()
     dx = (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True)) / sigma
-    np.testing.assert_allclose(backend.to_numpy(t.grad), dx, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(backend.to_numpy(gamma.grad), (dy * x_hat).sum((0, 1)),
+    np.testing.assert_allclose(numpy_grad(t), dx, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(gamma), (dy * x_hat).sum((0, 1)),
                                rtol=1e-12)
-    np.testing.assert_allclose(backend.to_numpy(beta.grad), dy.sum((0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(beta), dy.sum((0, 1)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
@@ -135,7 +137,7 @@ def test_a_ones_cotangent_with_unit_gamma_cannot_see_the_missing_term(device, rn
     for fn in (LayerNorm(), LayerNormWithoutVarianceTerm()):
         t = _t(x, device)
         fn(t, _t(np.ones(5), device), _t(np.zeros(5), device)).backward(ones)
-        np.testing.assert_allclose(backend.to_numpy(t.grad), 0, atol=1e-12)
+        np.testing.assert_allclose(numpy_grad(t), 0, atol=1e-12)
 
 
 def test_default_eps_is_1e_minus_6_as_in_the_official_vit(device):

@@ -32,6 +32,8 @@ import pytest
 import minivit as mv
 from minivit.ops.basic import unbroadcast
 
+from conftest import as_numpy, numpy_grad
+
 
 def T(array, device, grad=True):
     return mv.tensor(np.asarray(array, dtype=np.float64), requires_grad=grad, device=device)
@@ -120,14 +122,14 @@ def test_unary_ops(name, transposed, device, rng):
 def test_relu_gradient_at_zero_is_zero(device):
     x = T([-1.0, 0.0, 2.0], device)
     mv.relu(x).sum().backward()
-    np.testing.assert_array_equal(mv.backend.to_numpy(x.grad), [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(numpy_grad(x), [0.0, 0.0, 1.0])
 
 
 def test_maximum_ties_split_the_gradient(device):
     a, b = T([1.0, 2.0, 3.0], device), T([1.0, 5.0, 0.0], device)
     mv.maximum(a, b).sum().backward()
-    np.testing.assert_array_equal(mv.backend.to_numpy(a.grad), [0.5, 0.0, 1.0])
-    np.testing.assert_array_equal(mv.backend.to_numpy(b.grad), [0.5, 1.0, 0.0])
+    np.testing.assert_array_equal(numpy_grad(a), [0.5, 0.0, 1.0])
+    np.testing.assert_array_equal(numpy_grad(b), [0.5, 1.0, 0.0])
 
 
 def test_pow_rejects_a_tensor_exponent(device):
@@ -156,7 +158,7 @@ def test_reductions(name, axis, keepdims, device, rng):
 def test_max_ties_share_the_gradient_equally(device):
     x = T([[1.0, 3.0, 3.0], [2.0, 0.0, 2.0]], device)
     x.max(axis=1).sum().backward()
-    np.testing.assert_array_equal(mv.backend.to_numpy(x.grad), [[0, 0.5, 0.5], [0.5, 0, 0.5]])
+    np.testing.assert_array_equal(numpy_grad(x), [[0, 0.5, 0.5], [0.5, 0, 0.5]])
 
 
 def test_reduction_axis_out_of_range(device):
@@ -210,7 +212,7 @@ def test_getitem_repeated_indices_accumulate(device):
     idx = mv.backend.to_device(np.array([0, 2, 0, 0]), device)
     x[idx].sum().backward()
     # x[0] was picked three times, x[1] never: a plain assignment would give [1, 0, 1].
-    np.testing.assert_array_equal(mv.backend.to_numpy(x.grad), [3.0, 0.0, 1.0])
+    np.testing.assert_array_equal(numpy_grad(x), [3.0, 0.0, 1.0])
 
 
 def test_concatenate(device, rng):
@@ -285,10 +287,10 @@ def test_affine_equals_matmul_plus_bias(device, rng, x_shape, biased):
     want = x_np @ w_np + (b_np if biased else 0)
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-13)
     g2 = g.numpy().reshape(-1, 4)
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), (g2 @ w_np.T).reshape(x_shape), rtol=1e-12)
-    np.testing.assert_allclose(mv.backend.to_numpy(w.grad), x_np.reshape(-1, 3).T @ g2, rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(x), (g2 @ w_np.T).reshape(x_shape), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(w), x_np.reshape(-1, 3).T @ g2, rtol=1e-12)
     if biased:
-        np.testing.assert_allclose(mv.backend.to_numpy(b.grad), g2.sum(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(numpy_grad(b), g2.sum(axis=0), rtol=1e-12)
     inputs = (x, w) + ((b,) if biased else ())
     assert mv.gradcheck(lambda *a: affine(*a), *inputs) < 1e-6
 
@@ -313,8 +315,8 @@ def test_row_and_column_sums(device, rng, shape):
     from minivit.ops.basic import column_sum, row_mean, row_sum
     x_np = rng.standard_normal(shape)
     x = mv.tensor(x_np, device=device).data
-    np.testing.assert_allclose(mv.backend.to_numpy(row_sum(x)), x_np.sum(axis=-1), rtol=1e-13)
-    np.testing.assert_allclose(mv.backend.to_numpy(row_mean(x)), x_np.mean(axis=-1),
+    np.testing.assert_allclose(as_numpy(row_sum(x)), x_np.sum(axis=-1), rtol=1e-13)
+    np.testing.assert_allclose(as_numpy(row_mean(x)), x_np.mean(axis=-1),
                                rtol=1e-13)
-    np.testing.assert_allclose(mv.backend.to_numpy(column_sum(x)),
+    np.testing.assert_allclose(as_numpy(column_sum(x)),
                                x_np.reshape(-1, shape[-1]).sum(axis=0), rtol=1e-13)

@@ -26,6 +26,8 @@ import minivit as mv
 from minivit.nn import Parameter
 from minivit.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
 
+from conftest import numpy_grad
+
 
 def params_and_grads(device, seed=0):
     rng = np.random.default_rng(seed)
@@ -107,18 +109,18 @@ def test_clip_grad_norm(device):
         p.grad = mv.backend.to_device(g.copy(), device)
     norm = math.sqrt(sum((g ** 2).sum() for g in grads[0]))
     assert float(clip_grad_norm(params, max_norm=1e9)) == pytest.approx(norm, rel=1e-12)
-    np.testing.assert_array_equal(mv.backend.to_numpy(params[0].grad), grads[0][0])  # untouched
+    np.testing.assert_array_equal(numpy_grad(params[0]), grads[0][0])  # untouched
     assert float(clip_grad_norm(params, max_norm=1.0)) == pytest.approx(norm, rel=1e-12)
-    clipped = math.sqrt(sum(float((mv.backend.to_numpy(p.grad) ** 2).sum()) for p in params))
+    clipped = math.sqrt(sum(float((numpy_grad(p) ** 2).sum()) for p in params))
     assert clipped == pytest.approx(1.0, rel=1e-5)
-    np.testing.assert_allclose(mv.backend.to_numpy(params[0].grad), grads[0][0] / norm, rtol=1e-5)
+    np.testing.assert_allclose(numpy_grad(params[0]), grads[0][0] / norm, rtol=1e-5)
 
 
 def test_clip_grad_norm_reports_non_finite_norms(device):
     p = Parameter(mv.backend.to_device(np.zeros(2), device))
     p.grad = mv.backend.to_device(np.array([1.0, np.inf]), device)
     assert math.isinf(float(clip_grad_norm([p], 1.0)))
-    np.testing.assert_array_equal(mv.backend.to_numpy(p.grad), [1.0, np.inf])   # not clipped
+    np.testing.assert_array_equal(numpy_grad(p), [1.0, np.inf])   # not clipped
 
 
 def test_warmup_then_cosine():
@@ -235,13 +237,13 @@ def test_parameters_and_gradients_are_views_of_one_buffer(device):
     assert all((p.numpy() == 7.0).all() for p in params)
     y = (params[0] * params[0]).sum() + params[1].sum()
     y.backward()                                             # gradients land in the buffer
-    grad = mv.backend.to_numpy(buffer.grad)
+    grad = numpy_grad(buffer)
     o = buffer.offsets[buffer.params.index(params[0])]
     np.testing.assert_array_equal(grad[o:o + 12], np.full(12, 14.0))
     params[0].grad = mv.backend.to_device(np.ones((3, 4)), device)    # assigning copies in
-    assert params[0].grad is not None and mv.backend.to_numpy(buffer.grad)[o] == 1.0
+    assert params[0].grad is not None and numpy_grad(buffer)[o] == 1.0
     opt.zero_grad()
-    assert all(p.grad is None for p in params) and not mv.backend.to_numpy(buffer.grad).any()
+    assert all(p.grad is None for p in params) and not numpy_grad(buffer).any()
     with pytest.raises(ValueError, match=r"expected an array of shape \(4,\)"):
         params[1].grad = mv.backend.to_device(np.ones(3), device)
 
