@@ -5,7 +5,7 @@ checked the library against the equation, not against itself.
 
     loop_conv2d       y[b, d, r, s] = sum_{i,j,c} x_pad[b, c, S r + i, S s + j] w[i, j, c, d]
                       (+ bias[d]), symmetric or TensorFlow "SAME" padding
-    weight_standardize  per output channel: (w - mean(w)) / (std(w) + eps)
+    loop_weight_standardize  per output channel: (w - mean(w)) / (std(w) + eps)
     loop_group_norm   each group of C/G channels normalised as one vector, then gamma, beta
     layer_norm        (x - mean) / sqrt(var + eps) * gamma + beta over the last axis
     gelu              x Phi(x) (erf), or the tanh approximation
@@ -57,7 +57,7 @@ def loop_conv2d(x, w, bias=None, stride=1, padding=0):
     return y
 
 
-def weight_standardize(w, eps=1e-5):
+def loop_weight_standardize(w, eps=1e-5):
     """Each output channel d of a (KH, KW, C_in, C_out) kernel: (w - mean) / (std + eps)."""
     out = np.empty_like(w, dtype=np.float64)
     for d in range(w.shape[3]):
