@@ -41,7 +41,6 @@ import numpy as np
 import pytest
 
 import minivit as mv
-from minivit import backend
 from minivit.ops.attention import (ScaledDotProductAttention, attention, merge_heads,
                                    multi_head_attention, self_attention, split_heads)
 
