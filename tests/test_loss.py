@@ -11,7 +11,9 @@ with p_b = softmax(z_b); these tests check, in order:
 3. One-hot targets give the integer labels' loss, and soft targets their own
    (test_soft_targets_and_one_hot_targets).
 4. The gradient is dL/dz = (softmax(z) - t) / B, with and without smoothing
-   (test_gradient_is_softmax_minus_target_over_batch), the same as autograd finds
+   (test_gradient_is_softmax_minus_target_over_batch): dL/d log p = -t / B, and
+   log-softmax's backward makes it -t / B + p sum_k t_k / B = (p - t) / B
+   (test_gradient_goes_through_log_softmax_as_the_derivation_does); the same as autograd finds
    through -(t * log_softmax(z)).sum() / B (test_backward_matches_autograd_of_the_composition).
 5. Float64 gradient checks pass for labels, soft targets and a strided input
    (test_cross_entropy_gradcheck), and catch a gradient without the "- t"
@@ -101,6 +103,22 @@ def test_gradient_is_softmax_minus_target_over_batch(device, rng, s):
     cross_entropy(logits, labels, label_smoothing=s).backward()
     t = (1 - s) * np.eye(6)[labels] + s / 6
     np.testing.assert_allclose(numpy_grad(logits), (softmax(z) - t) / 3,
+                               rtol=1e-13, atol=1e-16)
+
+
+def test_gradient_goes_through_log_softmax_as_the_derivation_does(device, rng):
+    """dL/d log p = -t / B, and log-softmax's backward turns it into
+    -t / B + p sum_k t_k / B = (p - t) / B, because each row of t sums to 1."""
+    z, labels, s = rng.standard_normal((3, 6)), np.array([5, 0, 2]), 0.2
+    t = (1 - s) * np.eye(6)[labels] + s / 6
+    through_log_softmax = _t(z, device)
+    mv.log_softmax(through_log_softmax).backward(backend.asarray(-t / 3, device=device))
+    logits = _t(z, device)
+    cross_entropy(logits, labels, label_smoothing=s).backward()
+    p = softmax(z)
+    np.testing.assert_allclose(numpy_grad(through_log_softmax),
+                               (p * t.sum(-1, keepdims=True) - t) / 3, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(numpy_grad(logits), numpy_grad(through_log_softmax),
                                rtol=1e-13, atol=1e-16)
 
 

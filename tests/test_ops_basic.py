@@ -19,8 +19,10 @@ backward receives g = dL/dy and returns dL/dx.  These tests check, in order:
    (test_maximum_ties_split_the_gradient).
 4. An input broadcast in forward gets the sum of g over its copies
    (test_unbroadcast_sums_copies).
-5. Reductions over any axes equal NumPy's and pass gradient checks (test_reductions); a
-   tie in max shares the gradient equally (test_max_ties_share_the_gradient_equally);
+5. Reductions over any axes equal NumPy's and pass gradient checks (test_reductions);
+   their backward copies g back, divided by n for the mean, to the maximum alone for max
+   (test_reduction_backward_copies_g_back); a tie in max shares the gradient equally
+   (test_max_ties_share_the_gradient_equally);
    the row and column sums equal NumPy's (test_row_and_column_sums).
 6. Reshape, transpose and broadcast_to move g back the way they moved the values
    (test_reshape_transpose_broadcast_to); indexing does too (test_getitem), adding the
@@ -190,6 +192,17 @@ def test_reductions(name, axis, keepdims, device, rng):
                                rtol=1e-12)
     assert mv.gradcheck(f, x) < 1e-6
     assert mv.gradcheck(f, T(x_np.transpose(2, 0, 1).copy().transpose(1, 2, 0), device)) < 1e-6
+
+
+def test_reduction_backward_copies_g_back(device, rng):
+    """sum: dx = g copied over the summed axis; mean: g / n; max: g at the maximum alone."""
+    x_np, g = rng.standard_normal((3, 4)), rng.standard_normal(3)
+    copies = np.repeat(g[:, None], 4, axis=1)
+    for op, dx in ((mv.sum, copies), (mv.mean, copies / 4),
+                   (mv.max, (x_np == x_np.max(1, keepdims=True)) * copies)):
+        x = T(x_np, device)
+        op(x, axis=1).backward(mv.tensor(g, device=device))
+        np.testing.assert_allclose(numpy_grad(x), dx, rtol=1e-13)
 
 
 def test_max_ties_share_the_gradient_equally(device):
