@@ -138,21 +138,22 @@ def test_attention_backward_follows_the_derived_formula(device, rng, masked):
     out.backward(on(device, g))
     T = lambda a: a.swapaxes(-1, -2)                                   # noqa: E731
     c = 1 / math.sqrt(4)
-    A = softmax(c * q @ T(k))                                          # A = softmax(S)
+    S = c * q @ T(k)
+    A = softmax(S)
     dv = T(A * M) @ g                                                  # dv = A'^T g
     dA = (g @ T(v)) * M                                                # dA = (g v^T) * M
-    dS = A * (dA - (dA * A).sum(-1, keepdims=True))                    # dS
+    dS = A * (dA - (dA * A).sum(-1, keepdims=True))                    # the softmax step
     dq, dk = c * dS @ k, c * T(dS) @ q                                 # dq = c dS k, dk = c dS^T q
     np.testing.assert_allclose(numpy_grad(vt), dv, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(numpy_grad(qt), dq, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(numpy_grad(kt), dk, rtol=1e-12, atol=1e-14)
-    # the intermediate steps: out = (A * M) v from a leaf A gives dA, and from a leaf S
-    # through softmax gives dS
-    At, St = t(A, device), t(c * q @ T(k), device)
-    mv.matmul(At * on(device, M), t(v, device, False)).backward(on(device, g))
-    mv.matmul(mv.softmax(St) * on(device, M), t(v, device, False)).backward(on(device, g))
+    # dA and dS: the gradients that out = (A * M) v sends to a leaf A, and through
+    # softmax to a leaf S
+    At, St, v_const = t(A, device), t(S, device), t(v, device, False)
+    mv.matmul(At * on(device, M), v_const).backward(on(device, g))
+    mv.matmul(mv.softmax(St) * on(device, M), v_const).backward(on(device, g))
     np.testing.assert_allclose(numpy_grad(At), dA, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(numpy_grad(St), dS, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(qt), dq, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(kt), dk, rtol=1e-12, atol=1e-14)
     # the row sum of the softmax step equals g_i . out_i (what FusedSelfAttention uses)
     np.testing.assert_allclose((dA * A).sum(-1), (g * out.numpy()).sum(-1), rtol=1e-12,
                                atol=1e-14)
