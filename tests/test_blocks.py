@@ -2,7 +2,9 @@
 
 map_rows(fn, *arrays) cuts the arrays' rows (axis 0) into blocks, runs fn on each block
 and writes the blocks' results into whole outputs; when fn treats rows independently
-this is fn on the whole arrays, computed a block at a time.  These tests check, in order:
+this is fn on the whole arrays, computed a block at a time.  It is a fast path ("blocks"
+in minivit/fast.py), so the tests of blocks run with the fast paths on (the fast_paths
+fixture) whatever MINIVIT_REFERENCE says.  These tests check, in order:
 
 1. The results equal one call on the whole arrays for every block size down to one row
    (test_map_rows_equals_one_call), with one output and the default block size too
@@ -38,7 +40,7 @@ def rowwise(x, y):
 # --- map_rows ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block_values", [1, 15, 16, 40, 10 ** 9])
-def test_map_rows_equals_one_call(rng, block_values):
+def test_map_rows_equals_one_call(rng, block_values, fast_paths):
     x, y = rng.standard_normal((7, 3, 5)), rng.standard_normal((7, 4))
     calls = []
 
@@ -54,7 +56,7 @@ def test_map_rows_equals_one_call(rng, block_values):
     assert calls == [min(rows, 7 - i) for i in range(0, 7, rows)]
 
 
-def test_map_rows_single_output_and_default_block(rng, monkeypatch):
+def test_map_rows_single_output_and_default_block(rng, monkeypatch, fast_paths):
     x = rng.standard_normal((6, 10)).astype(np.float32)
     monkeypatch.setattr(blocks, "BLOCK_VALUES", 20)    # 2 rows a block
     calls = []
@@ -109,7 +111,7 @@ def _values_and_gradients(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_blocked_operations_equal_one_block(rng, monkeypatch, dtype):
+def test_blocked_operations_equal_one_block(rng, monkeypatch, dtype, fast_paths):
     whole = _values_and_gradients(np.random.default_rng(1), dtype)
     monkeypatch.setattr(blocks, "BLOCK_VALUES", 30)    # one image (row) per block
     blocked = _values_and_gradients(np.random.default_rng(1), dtype)
@@ -119,7 +121,7 @@ def test_blocked_operations_equal_one_block(rng, monkeypatch, dtype):
             np.testing.assert_allclose(g, w, rtol=tolerance, atol=tolerance)
 
 
-def test_gradcheck_in_blocks(rng, monkeypatch):
+def test_gradcheck_in_blocks(rng, monkeypatch, fast_paths):
     monkeypatch.setattr(blocks, "BLOCK_VALUES", 30)
     q, k, v, qkv, mask = _attention_inputs(rng, np.float64)
     x = rng.standard_normal((5, 6, 7))
@@ -136,7 +138,7 @@ def test_map_rows_rejects_arrays_of_different_lengths(rng):
         blocks.map_rows(lambda a, b: a, np.ones((3, 2)), np.ones((4, 2)))
 
 
-def test_rows_far_below_their_heads_largest_score_do_not_underflow(device, rng):
+def test_rows_far_below_their_heads_largest_score_do_not_underflow(device, rng, fast_paths):
     """On the CPU the fused self-attention first shifts a whole head by its largest score
     (softmax_head_shift).  A row whose scores lie 300 below it would underflow to exp = 0
     in float32 (weights 0 / 0); the rows' own maxima must take over, in float32 as in
