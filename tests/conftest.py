@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from minivit import backend
+from minivit.autograd import Tensor
 
 _CUPY_REASON = backend.cupy_unavailable_reason()
 STANDIN = os.environ.get("MINIVIT_FAKE_CUPY") == "1"
@@ -107,3 +108,13 @@ def fast_paths():
     yield fast
     fast.use_reference(False)
     fast.use_reference(True, paths=before)
+
+
+def numpy_grad(t):
+    """A tensor's gradient as a NumPy array, whichever device it is on (None without one)."""
+    return None if t.grad is None else backend.to_numpy(t.grad)
+
+
+def as_numpy(x):
+    """A tensor or a raw array of either backend as a NumPy array."""
+    return backend.to_numpy(x.data if isinstance(x, Tensor) else x)

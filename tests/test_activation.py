@@ -1,32 +1,48 @@
-"""Activations: erf, GELU, softmax, log-softmax, dropout.
+"""Activations: erf, GELU, softmax, log-softmax and dropout.
 
-erf.  NumPy has no erf, so minivit evaluates W. J. Cody's rational approximations
-(Math. Comp. 1969).  We check it against Python's math.erf (the C library's) on
-points spread over every range of the algorithm, including tiny arguments, the
-range boundaries 0.46875 and 4, the tails where erf rounds to +-1, and +-inf/NaN.
+Each derivation has one home, the docstring of its Function: erf in
+minivit/ops/special.py; GELU, Softmax, LogSoftmax and Dropout in
+minivit/ops/activation.py.  These tests check, in order:
 
-GELU (the MLP non-linearity, ViT Eq. 3).  y = x Phi(x), Phi the standard normal CDF:
-    Phi(x) = (1 + erf(x / sqrt 2)) / 2,    Phi'(x) = phi(x) = exp(-x^2 / 2) / sqrt(2 pi),
-    dy/dx = Phi(x) + x phi(x)                                       (product rule).
-The tanh approximation y = x/2 (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3) has
-    dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+1. erf (W. J. Cody's rational approximations; NumPy has none) equals Python's math.erf
+   to a few float64 ulp over every range of the algorithm, the range boundaries and the
+   tails (test_erf_matches_math_erf_to_float64_rounding), and at 0, -0, +-inf and NaN
+   (test_erf_special_values).
+2. GELU(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, and its tanh approximation
+   x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), value by value
+   (test_gelu_forward_matches_the_definition_elementwise).
+3. GELU's backward is the derived dy/dx: Phi(x) + x phi(x) for the exact form
+   (test_gelu_backward_is_phi_plus_x_times_density); (1 + t)/2 + x/2 (1 - t^2) c
+   (1 + 3 a x^2) for the tanh form (test_gelu_tanh_backward_follows_the_derived_formula),
+   which is also what autograd finds through its pieces
+   (test_gelu_tanh_backward_matches_autograd_of_its_composition).
+4. GELU passes float64 gradient checks (test_gelu_gradcheck), which catch a backward
+   without the x phi(x) term (test_gradcheck_catches_a_gelu_without_the_density_term).
+5. softmax is exp(x) / sum exp(x) along any axis, forward and backward against autograd
+   of that composition (test_softmax_matches_exp_over_sum_forward_and_backward).
+6. Its backward is J^T g with J_ik = y_i (delta_ik - y_k), that is
+   dx = y * (g - sum(g * y)) (test_softmax_backward_is_the_jacobian_vector_product), and
+   passes gradient checks (test_softmax_gradcheck).
+7. The gradient check catches a softmax backward without the leading y
+   (test_gradcheck_catches_a_softmax_backward_without_the_leading_y); a cotangent of
+   ones cannot, since sum(y) = 1 makes both gradients 0
+   (test_a_ones_cotangent_cannot_see_the_missing_y).
+8. Subtracting max(x) keeps softmax and log-softmax finite for logits of 1000 and more
+   (test_softmax_and_log_softmax_are_stable_for_huge_logits).
+9. log-softmax is x - log sum exp(x) (test_log_softmax_forward_and_backward_match_a_composition);
+   its backward is dx = g - softmax(x) * sum(g)
+   (test_log_softmax_backward_follows_the_derived_formula); gradient checks pass
+   (test_log_softmax_gradcheck).
+10. Dropout is the identity for p = 0 and in evaluation
+    (test_dropout_is_the_identity_for_p_0_and_in_evaluation); in training it zeros a
+    fraction p and scales the rest by 1/(1-p), keeping the mean
+    (test_dropout_zeros_a_fraction_p_and_keeps_the_mean), with a mask fixed by the seed
+    (test_dropout_mask_is_fixed_by_the_seed).
+11. Dropout's backward is dx = g * m / (1 - p)
+    (test_dropout_backward_is_g_times_mask_over_keep_probability), and passes gradient
+    checks with a fixed mask (test_dropout_gradcheck_with_a_fixed_mask).
 
-softmax.  y_i = exp(x_i) / sum_j exp(x_j) has the Jacobian dy_i/dx_k = y_i (delta_ik - y_k).
-Backward needs only the vector-Jacobian product with the incoming g:
-    dx_k = sum_i g_i y_i (delta_ik - y_k) = y_k (g_k - sum_i g_i y_i),
-    dx = y * (g - sum(g * y)).
-Why the check uses a random cotangent g: with g = 1 the true dx is y (1 - sum y) = 0, and
-a backward that forgets the leading y returns 1 - sum y = 0 too; only a random g tells
-them apart (test_a_ones_cotangent_cannot_see_the_missing_y shows it).
-
-log-softmax.  y_i = x_i - log sum_j exp(x_j), dy_i/dx_k = delta_ik - p_k with p = softmax(x):
-    dx = g - p * sum(g).
-Both are computed after subtracting max(x), which they ignore, so logits ~1000 do not
-overflow exp.
-
-dropout.  y = x * m / (1 - p), m_i in {0, 1} kept with probability 1 - p, so E[y] = x; for a
-fixed mask y is linear in x and dx = g * m / (1 - p).  The mask comes from a seeded
-generator, so the same seed gives the same mask (and gradcheck can re-run the function).
+Then float32 staying float32 (erf included) and the errors.
 """
 import math
 
@@ -37,6 +53,8 @@ import minivit as mv
 from minivit import backend
 from minivit.ops.activation import (GELU, Softmax, dropout, erf, gelu, log_softmax,
                                     softmax)
+
+from conftest import as_numpy, numpy_grad
 
 
 def _t(a, device, requires_grad=True):
@@ -52,8 +70,6 @@ def _transposed(a, device):
     return x
 
 
-# --- erf --------------------------------------------------------------------------------
-
 def _erf_points():
     tiny = np.logspace(-300, -1, 600)
     return np.concatenate([
@@ -65,11 +81,13 @@ def _erf_points():
     ])
 
 
+# --- erf --------------------------------------------------------------------------------
+
 def test_erf_matches_math_erf_to_float64_rounding(device):
     """Cody's approximation is good to a few units in the last place (ulp) of float64."""
     x = _erf_points()
     expected = np.array([math.erf(v) for v in x])
-    got = backend.to_numpy(erf(backend.asarray(x, device=device)))
+    got = as_numpy(erf(backend.asarray(x, device=device)))
     assert got.dtype == np.float64
     ulps = np.abs(got - expected) / np.spacing(np.abs(expected))
     assert ulps.max() <= 8, f"erf is {ulps.max()} ulp off at x = {x[ulps.argmax()]!r}"
@@ -77,27 +95,13 @@ def test_erf_matches_math_erf_to_float64_rounding(device):
     assert rel.max() < 2e-15           # NumPy here: at most 4 ulp, 4.5e-16
 
 
-def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
-    """Float32 takes the cheaper rational approximation (Eigen's and XLA's): a few
-    float32 ulp on normal numbers, within 5e-7 everywhere."""
-    x = _erf_points()
-    x = x[np.abs(x) < 1e30].astype(np.float32)              # float32 holds these
-    expected = np.array([math.erf(float(v)) for v in x])     # erf of the float32 values
-    got = backend.to_numpy(erf(backend.asarray(x, device=device)))
-    assert got.dtype == np.float32
-    normal = np.abs(x) >= np.finfo(np.float32).tiny          # subnormals keep fewer digits
-    ulps32 = np.abs(got - expected) / np.spacing(np.abs(expected).astype(np.float32))
-    assert ulps32[normal].max() <= 8                          # NumPy here: 5.4 ulp
-    assert np.abs(got - expected).max() < 5e-7
-
-
 def test_erf_special_values(device):
-    got = backend.to_numpy(erf(backend.asarray([0.0, -0.0, np.inf, -np.inf, np.nan],
+    got = as_numpy(erf(backend.asarray([0.0, -0.0, np.inf, -np.inf, np.nan],
                                                device=device)))
     np.testing.assert_array_equal(got[:4], [0.0, 0.0, 1.0, -1.0])
     assert np.signbit(got[1]) and np.isnan(got[4])
     # odd function, and integer input is computed in float64
-    ints = backend.to_numpy(erf(backend.asarray([-2, -1, 0, 1, 2], device=device)))
+    ints = as_numpy(erf(backend.asarray([-2, -1, 0, 1, 2], device=device)))
     assert ints.dtype == np.float64
     np.testing.assert_array_equal(ints, -ints[::-1])
     np.testing.assert_allclose(ints[3:], [math.erf(1), math.erf(2)], rtol=1e-15)
@@ -134,7 +138,18 @@ def test_gelu_backward_is_phi_plus_x_times_density(device, rng):
     t = _t(x, device)
     gelu(t).backward(backend.asarray(g, device=device))
     expected = g * np.vectorize(_gelu_erf_derivative)(x)
-    np.testing.assert_allclose(backend.to_numpy(t.grad), expected, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(numpy_grad(t), expected, rtol=1e-13, atol=1e-15)
+
+
+def test_gelu_tanh_backward_follows_the_derived_formula(device, rng):
+    """t = tanh(u), u = c (x + a x^3): dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)."""
+    x, g = rng.standard_normal((4, 7)) * 2, rng.standard_normal((4, 7))
+    xt = _t(x, device)
+    gelu(xt, approximate="tanh").backward(backend.asarray(g, device=device))
+    c, a = math.sqrt(2 / math.pi), 0.044715
+    t = np.tanh(c * (x + a * x ** 3))
+    dy_dx = (1 + t) / 2 + x / 2 * (1 - t ** 2) * c * (1 + 3 * a * x ** 2)
+    np.testing.assert_allclose(numpy_grad(xt), g * dy_dx, rtol=1e-13, atol=1e-15)
 
 
 def test_gelu_tanh_backward_matches_autograd_of_its_composition(device, rng):
@@ -147,7 +162,7 @@ def test_gelu_tanh_backward_matches_autograd_of_its_composition(device, rng):
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14, atol=1e-15)
     ya.backward(g)
     yb.backward(g)
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-12, atol=1e-14)
 
 
@@ -172,22 +187,6 @@ def test_gradcheck_catches_a_gelu_without_the_density_term(device, rng):
         mv.gradcheck(lambda x: GELUForgetsTheDensity()(x), x)
 
 
-def test_gelu_keeps_float32(device, rng):
-    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
-                  device=device)
-    for approximate in ("erf", "tanh"):
-        x.grad = None
-        y = gelu(x, approximate)
-        y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
-        assert y.dtype == np.float32 and x.grad.dtype == np.float32
-
-
-def test_gelu_rejects_an_unknown_approximation(device):
-    with pytest.raises(ValueError, match=r"approximate must be one of \('erf', 'tanh'\).*"
-                                         r"got 'none'"):
-        gelu(_t([1.0], device), approximate="none")
-
-
 # --- softmax and log-softmax ------------------------------------------------------------
 
 def _softmax_composed(x, axis):
@@ -206,7 +205,7 @@ def test_softmax_matches_exp_over_sum_forward_and_backward(device, rng, axis):
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14)
     ya.backward(g)
     yb.backward(g)
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-11, atol=1e-14)
 
 
@@ -219,8 +218,11 @@ def test_softmax_backward_is_the_jacobian_vector_product(device, rng):
     yn = y.numpy()
     for r in range(3):
         jacobian = np.diag(yn[r]) - np.outer(yn[r], yn[r])
-        np.testing.assert_allclose(backend.to_numpy(t.grad)[r], jacobian.T @ g[r],
+        np.testing.assert_allclose(numpy_grad(t)[r], jacobian.T @ g[r],
                                    rtol=1e-12, atol=1e-15)
+    # which is the derived closed form, no K x K Jacobian needed
+    np.testing.assert_allclose(numpy_grad(t), yn * (g - (g * yn).sum(-1, keepdims=True)),
+                               rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("axis", [-1, 0, 1])
@@ -251,8 +253,8 @@ def test_a_ones_cotangent_cannot_see_the_missing_y(device, rng):
     ones = backend.asarray(np.ones((2, 5)), device=device)
     softmax(right).backward(ones)
     SoftmaxWithoutLeadingY(-1)(wrong).backward(ones)
-    np.testing.assert_allclose(backend.to_numpy(right.grad), 0, atol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(wrong.grad), 0, atol=1e-15)
+    np.testing.assert_allclose(numpy_grad(right), 0, atol=1e-15)
+    np.testing.assert_allclose(numpy_grad(wrong), 0, atol=1e-15)
 
 
 def test_softmax_and_log_softmax_are_stable_for_huge_logits(device, rng):
@@ -266,7 +268,7 @@ def test_softmax_and_log_softmax_are_stable_for_huge_logits(device, rng):
         t = _t(x, device)
         y = f(t)
         y.backward(backend.asarray(rng.standard_normal((4, 6)), device=device))
-        assert np.isfinite(y.numpy()).all() and np.isfinite(backend.to_numpy(t.grad)).all()
+        assert np.isfinite(y.numpy()).all() and np.isfinite(numpy_grad(t)).all()
         np.testing.assert_allclose(y.numpy(), expected[f], rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(softmax(_t(x, device)).numpy().sum(-1), 1, rtol=1e-14)
 
@@ -284,34 +286,25 @@ def test_log_softmax_forward_and_backward_match_a_composition(device, rng, axis)
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-14)
     ya.backward(g)
     yb.backward(g)
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_log_softmax_backward_follows_the_derived_formula(device, rng, axis):
+    """dy_i/dx_k = delta_ik - p_k with p = softmax(x), so dx = g - p * sum(g)."""
+    x, g = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    t = _t(x, device)
+    log_softmax(t, axis).backward(backend.asarray(g, device=device))
+    p = np.exp(x) / np.exp(x).sum(axis, keepdims=True)
+    np.testing.assert_allclose(numpy_grad(t), g - p * g.sum(axis, keepdims=True),
+                               rtol=1e-12, atol=1e-15)
 
 
 def test_log_softmax_gradcheck(device, rng):
     assert mv.gradcheck(lambda x: log_softmax(x, 1), _t(rng.standard_normal((2, 3, 5)),
                                                         device)) < 1e-6
     assert mv.gradcheck(log_softmax, _transposed(rng.standard_normal((4, 3)), device)) < 1e-6
-
-
-def test_softmax_and_log_softmax_keep_float32(device, rng):
-    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
-                  device=device)
-    for f in (softmax, log_softmax):
-        x.grad = None
-        y = f(x)
-        y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
-        assert y.dtype == np.float32 and x.grad.dtype == np.float32
-
-
-def test_softmax_rejects_a_bad_axis(device):
-    x = _t(np.zeros((2, 3)), device)
-    with pytest.raises(ValueError, match="softmax: axis 2 is out of range for an array with 2"):
-        softmax(x, axis=2)
-    with pytest.raises(ValueError, match="log_softmax: axis -3 is out of range"):
-        log_softmax(x, axis=-3)
-    with pytest.raises(TypeError, match="axis must be an int, got tuple"):
-        softmax(x, axis=(0, 1))
 
 
 # --- dropout ----------------------------------------------------------------------------
@@ -348,7 +341,7 @@ def test_dropout_backward_is_g_times_mask_over_keep_probability(device, rng):
     y = dropout(x, 0.3, mask=backend.asarray(mask, device=device))
     y.backward(backend.asarray(g, device=device))
     np.testing.assert_allclose(y.numpy(), x.numpy() * mask / 0.7, rtol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(x.grad), g * mask / 0.7, rtol=1e-15)
+    np.testing.assert_allclose(numpy_grad(x), g * mask / 0.7, rtol=1e-15)
 
 
 def test_dropout_gradcheck_with_a_fixed_mask(device, rng):
@@ -359,12 +352,64 @@ def test_dropout_gradcheck_with_a_fixed_mask(device, rng):
     assert mv.gradcheck(lambda x: dropout(x, 0.5, mask=per_sample), x) < 1e-6
 
 
+# --- errors, dtypes and devices ---------------------------------------------------------
+
+def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
+    """Float32 takes the cheaper rational approximation (Eigen's and XLA's): a few
+    float32 ulp on normal numbers, within 5e-7 everywhere."""
+    x = _erf_points()
+    x = x[np.abs(x) < 1e30].astype(np.float32)              # float32 holds these
+    expected = np.array([math.erf(float(v)) for v in x])     # erf of the float32 values
+    got = as_numpy(erf(backend.asarray(x, device=device)))
+    assert got.dtype == np.float32
+    normal = np.abs(x) >= np.finfo(np.float32).tiny          # subnormals keep fewer digits
+    ulps32 = np.abs(got - expected) / np.spacing(np.abs(expected).astype(np.float32))
+    assert ulps32[normal].max() <= 8                          # NumPy here: 5.4 ulp
+    assert np.abs(got - expected).max() < 5e-7
+
+
+def test_gelu_keeps_float32(device, rng):
+    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
+                  device=device)
+    for approximate in ("erf", "tanh"):
+        x.grad = None
+        y = gelu(x, approximate)
+        y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
+        assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+def test_softmax_and_log_softmax_keep_float32(device, rng):
+    x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
+                  device=device)
+    for f in (softmax, log_softmax):
+        x.grad = None
+        y = f(x)
+        y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
+        assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
 def test_dropout_keeps_float32(device, rng):
     x = mv.tensor(rng.standard_normal((3, 4)).astype(np.float32), requires_grad=True,
                   device=device)
     y = dropout(x, 0.5, rng=backend.generator(0, device))
     y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
     assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+def test_gelu_rejects_an_unknown_approximation(device):
+    with pytest.raises(ValueError, match=r"approximate must be one of \('erf', 'tanh'\).*"
+                                         r"got 'none'"):
+        gelu(_t([1.0], device), approximate="none")
+
+
+def test_softmax_rejects_a_bad_axis(device):
+    x = _t(np.zeros((2, 3)), device)
+    with pytest.raises(ValueError, match="softmax: axis 2 is out of range for an array with 2"):
+        softmax(x, axis=2)
+    with pytest.raises(ValueError, match="log_softmax: axis -3 is out of range"):
+        log_softmax(x, axis=-3)
+    with pytest.raises(TypeError, match="axis must be an int, got tuple"):
+        softmax(x, axis=(0, 1))
 
 
 def test_dropout_rejects_bad_input(device):

@@ -1,40 +1,39 @@
 """Scaled dot-product attention and multi-head self-attention (Appendix A, Eq. 5-8).
 
-Forward, for one head with queries q (T_q x D_h), keys k (T_k x D_h), values v (T_k x D_v),
-c = 1/sqrt(D_h) and an optional fixed inverted-dropout mask M (entries 0 or 1/(1-p)):
+The derivation of the backward pass has one home: the docstring of
+ScaledDotProductAttention in minivit/ops/attention.py.  With S = c q k^T, c = 1/sqrt(D_h),
+A = softmax(S) by rows, a fixed dropout mask M, A' = A * M and out = A' v, these tests
+check, in order:
 
-    S = c q k^T,    A = softmax(S) by rows,    A' = A * M,    out = A' v.
+1. The forward is Eq. 6-7 written with loops over batch, heads and tokens, with and
+   without a mask, for cross-attention and without a batch axis
+   (test_attention_matches_loops).
+2. The scale c = 1/sqrt(D_h) is there (test_scale_matters).
+3. Subtracting each row's maximum keeps scores of order 1e4 finite
+   (test_large_scores_are_stable).
+4. The returned weights are A before dropout, detached, while out stays in the graph
+   (test_returned_weights_are_detached_softmax_before_dropout).
+5. The backward is the derived formula, step by step: dv = A'^T g, dA = (g v^T) * M,
+   dS = A * (dA - rowsum(dA * A)), dq = c dS k, dk = c dS^T q
+   (test_attention_backward_follows_the_derived_formula).
+6. It equals what autograd finds through matmul, max, exp, sum and div
+   (test_attention_equals_its_composition_from_primitives).
+7. Float64 gradient checks pass, with a mask and on strided inputs
+   (test_gradcheck_attention, test_gradcheck_attention_non_contiguous).
+8. They catch a backward without the scale in dq, without the row sum of the softmax
+   step, or that ignores the mask (test_gradcheck_catches_wrong_backward).
+9. split_heads gives head h the features h D_h ... (h+1) D_h - 1, and merge_heads undoes
+   it (test_split_and_merge_heads).
+10. MSA(z) = [SA_1; ...; SA_k] U_msa + b is Eq. 5-8 written with loops
+    (test_multi_head_attention_matches_loops), and passes a gradient check
+    (test_gradcheck_multi_head_attention).
+11. The fast path self_attention, one node from qkv = z U_qkv + b, equals split_heads ->
+    attention -> merge_heads in values, weights and gradient
+    (test_self_attention_equals_split_attention_merge), and passes a gradient check
+    (test_gradcheck_self_attention).
 
-Backward, from g = dL/d out, one step at a time:
-
-    out = A' v   ->  dv = A'^T g,   dA' = g v^T.
-    A' = A * M   ->  dA = dA' * M.
-    softmax      ->  A_ij = e^{S_ij} / sum_l e^{S_il}, so dA_ij / dS_il = A_ij (delta_jl - A_il)
-                     and dS_il = sum_j dA_ij A_ij (delta_jl - A_il)
-                           = A_il (dA_il - sum_j dA_ij A_ij),
-                     i.e.  dS = A * (dA - rowsum(dA * A)).
-    S = c q k^T  ->  dq = c dS k,   dk = c dS^T q.
-
-(Subtracting the row maximum before exp shifts a row of S by a constant, which softmax
-does not see, so it adds nothing to the gradient.)
-
-Multi-head self-attention runs k heads of width D_h = D/k side by side:
-
-    [q, k, v] = z U_qkv + b,   SA_h = softmax(q_h k_h^T / sqrt(D_h)) v_h,
-    MSA(z) = [SA_1; ...; SA_k] U_msa + b_out,
-
-which the library builds from matmul, add and the fused self-attention node, which
-reads q, k, v as views of z U_qkv + b and writes their gradients into one array.  It
-equals split_heads, attention and merge_heads composed, which is checked too.  Its
-backward takes the row sum of the softmax step from the output instead of from A:
-since dA' = g v^T,  sum_j dA_ij A_ij = sum_j (g_i . v_j) A'_ij = g_i . out_i
-(FlashAttention's "D" term), a sum over D_v values instead of T_k.
-
-The checks below: the forward against explicit loops over batch, heads and tokens; the
-fused node against the same formula composed from engine primitives (values and
-gradients); float64 gradient checks, including a dropout mask and non-contiguous inputs;
-gradcheck catching deliberately wrong backward passes; the returned weights; float32
-staying float32; and the error messages for inputs of the wrong shape.
+Then float32 staying float32 and the errors for inputs of the wrong shape or type.  The
+independent loop definitions are in tests/reference.py.
 """
 import math
 
@@ -42,9 +41,11 @@ import numpy as np
 import pytest
 
 import minivit as mv
-from minivit import backend
 from minivit.ops.attention import (ScaledDotProductAttention, attention, merge_heads,
                                    multi_head_attention, self_attention, split_heads)
+
+from conftest import as_numpy, numpy_grad
+from reference import loop_attention, loop_mha, softmax
 
 
 def t(array, device, requires_grad=True):
@@ -55,51 +56,6 @@ def dropout_mask(shape, p=0.25, seed=1):
     """A fixed inverted-dropout mask: 0 with probability p, else 1/(1-p)."""
     keep = np.random.default_rng(seed).random(shape) >= p
     return keep / (1 - p)
-
-
-# --- independent definitions (loops over batch, heads and tokens) ------------------------
-
-def loop_attention(q, k, v, mask=None, scale=None):
-    """out and A of Eq. 6-7, one query row at a time, in float64 NumPy."""
-    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    lead, (t_q, d_h), t_k = q.shape[:-2], q.shape[-2:], k.shape[-2]
-    scale = 1 / math.sqrt(d_h) if scale is None else scale
-    out = np.zeros(lead + (t_q, v.shape[-1]))
-    weights = np.zeros(lead + (t_q, t_k))
-    for idx in np.ndindex(*lead):                 # every (batch, head)
-        for i in range(t_q):                      # every query token
-            scores = [scale * sum(q[idx][i, d] * k[idx][j, d] for d in range(d_h))
-                      for j in range(t_k)]
-            top = max(scores)
-            e = [math.exp(s - top) for s in scores]
-            a = [x / sum(e) for x in e]
-            weights[idx][i] = a
-            for j in range(t_k):                  # every key token
-                m = 1.0 if mask is None else mask[idx][i, j]
-                out[idx][i] += a[j] * m * v[idx][j]
-    return out, weights
-
-
-def loop_mha(z, w_qkv, b_qkv, w_out, b_out, num_heads, mask=None):
-    """MSA(z) of Eq. 5-8 for every image and token, heads one by one, in float64 NumPy."""
-    batch, tokens, d = z.shape
-    d_h = d // num_heads
-    b_qkv = np.zeros(3 * d) if b_qkv is None else b_qkv
-    b_out = np.zeros(d) if b_out is None else b_out
-    out = np.zeros((batch, tokens, d))
-    weights = np.zeros((batch, num_heads, tokens, tokens))
-    for b in range(batch):
-        qkv = np.stack([z[b, i] @ w_qkv + b_qkv for i in range(tokens)])      # Eq. 5
-        heads = []
-        for h in range(num_heads):
-            cols = slice(h * d_h, (h + 1) * d_h)
-            q, k, v = (qkv[:, s * d:(s + 1) * d][:, cols] for s in range(3))
-            m = None if mask is None else mask[b, h]
-            sa, weights[b, h] = loop_attention(q, k, v, m)                     # Eq. 6-7
-            heads.append(sa)
-        for i in range(tokens):
-            out[b, i] = np.concatenate([sa[i] for sa in heads]) @ w_out + b_out  # Eq. 8
-    return out, weights
 
 
 def composed_attention(q, k, v, mask=None):
@@ -116,7 +72,7 @@ def on(device, array):
     return mv.tensor(array, device=device).data
 
 
-# --- forward against loops -------------------------------------------------------------
+# --- the forward pass against loops -----------------------------------------------------
 
 SHAPES = [((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)),      # (B, heads, T, D_h)
           ((2, 3, 6), (2, 4, 6), (2, 4, 5)),               # cross-attention, D_v != D_h
@@ -155,25 +111,6 @@ def test_large_scores_are_stable(device, rng):
     np.testing.assert_allclose(weights.numpy().sum(axis=-1), 1.0, rtol=1e-12)
 
 
-def test_rows_far_below_their_heads_largest_score_do_not_underflow(device, rng):
-    """On the CPU softmax first shifts a whole head by its largest score.  A row whose
-    scores lie 300 below it would underflow to exp = 0 in float32 (weights 0 / 0); the
-    rows' own maxima must take over, in float32 as in float64."""
-    q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
-    q[:, :, 0] = 0.0                                   # row 0: every score 0
-    q[:, :, 1] = k[:, :, 0] * (600 / (k[:, :, 0] ** 2).sum(axis=-1))[..., None]   # row 1:
-    # its score for key 0 is c q . k = 300 (c = 1/2): each head's largest is 300 or more
-    for dtype, rtol in ((np.float32, 2e-5), (np.float64, 1e-10)):
-        inputs = [t(x.astype(dtype), device) for x in (q, k, v)]
-        out, weights = attention(*inputs, return_weights=True)
-        want_out, want_weights = loop_attention(q.astype(dtype), k.astype(dtype),
-                                                v.astype(dtype))
-        assert np.isfinite(out.numpy()).all()
-        np.testing.assert_allclose(weights.numpy()[:, :, 0], 0.2, rtol=rtol)   # uniform
-        np.testing.assert_allclose(out.numpy(), want_out, rtol=rtol, atol=rtol)
-        np.testing.assert_allclose(weights.numpy(), want_weights, rtol=rtol, atol=rtol)
-
-
 def test_returned_weights_are_detached_softmax_before_dropout(device, rng):
     q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
     mask = dropout_mask((2, 3, 5, 5))
@@ -187,10 +124,43 @@ def test_returned_weights_are_detached_softmax_before_dropout(device, rng):
     assert qt.grad is not None and kt.grad is not None and vt.grad is not None
 
 
-# --- the fused node against a composition of primitives -----------------------------------
+# --- the backward pass, step by step ----------------------------------------------------
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_equals_composition(device, rng, masked):
+def test_attention_backward_follows_the_derived_formula(device, rng, masked):
+    """dv, dA, dS, dq and dk in NumPy, one line each as the derivation writes them; dA and
+    dS also against minivit's gradients of a leaf A and a leaf S."""
+    q, k = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 6, 4))
+    v, g = rng.standard_normal((2, 3, 6, 3)), rng.standard_normal((2, 3, 5, 3))
+    M = dropout_mask((2, 3, 5, 6)) if masked else np.ones((2, 3, 5, 6))
+    qt, kt, vt = t(q, device), t(k, device), t(v, device)
+    out = attention(qt, kt, vt, on(device, M) if masked else None)
+    out.backward(on(device, g))
+    T = lambda a: a.swapaxes(-1, -2)                                   # noqa: E731
+    c = 1 / math.sqrt(4)
+    S = c * q @ T(k)
+    A = softmax(S)
+    dv = T(A * M) @ g                                                  # dv = A'^T g
+    dA = (g @ T(v)) * M                                                # dA = (g v^T) * M
+    dS = A * (dA - (dA * A).sum(-1, keepdims=True))                    # the softmax step
+    dq, dk = c * dS @ k, c * T(dS) @ q                                 # dq = c dS k, dk = c dS^T q
+    np.testing.assert_allclose(numpy_grad(vt), dv, rtol=1e-12, atol=1e-14)
+    # dA and dS: the gradients that out = (A * M) v sends to a leaf A, and through
+    # softmax to a leaf S
+    At, St, v_const = t(A, device), t(S, device), t(v, device, False)
+    mv.matmul(At * on(device, M), v_const).backward(on(device, g))
+    mv.matmul(mv.softmax(St) * on(device, M), v_const).backward(on(device, g))
+    np.testing.assert_allclose(numpy_grad(At), dA, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(St), dS, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(qt), dq, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(kt), dk, rtol=1e-12, atol=1e-14)
+    # the row sum of the softmax step equals g_i . out_i (what FusedSelfAttention uses)
+    np.testing.assert_allclose((dA * A).sum(-1), (g * out.numpy()).sum(-1), rtol=1e-12,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_equals_its_composition_from_primitives(device, rng, masked):
     """Same values, and the hand-derived backward gives the gradients that autograd finds
     through matmul, max, exp, sum and div."""
     q, k, v = (rng.standard_normal((2, 3, 5, 4)) for _ in range(3))
@@ -203,11 +173,11 @@ def test_fused_equals_composition(device, rng, masked):
         out.backward(mv.tensor(g, device=device))
         results.append([out.numpy()] + [x.grad for x in tensors])
     for fused, composed in zip(*results):
-        np.testing.assert_allclose(mv.backend.to_numpy(fused), mv.backend.to_numpy(composed),
+        np.testing.assert_allclose(as_numpy(fused), as_numpy(composed),
                                    rtol=1e-10, atol=1e-12)
 
 
-# --- gradient checks ---------------------------------------------------------------------
+# --- gradient checks --------------------------------------------------------------------
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_attention(device, rng, masked):
@@ -228,20 +198,6 @@ def test_gradcheck_attention_non_contiguous(device, rng):
     kt = t(rng.standard_normal((2, 3, 4, 5)), device)                # k given as k^T
     mv.gradcheck(lambda q, kt, v: attention(q, mv.swapaxes(kt, -1, -2), v), q, kt, v)
 
-
-def test_gradcheck_multi_head_attention(device, rng):
-    d, heads = 6, 3
-    z = t(rng.standard_normal((2, 4, d)), device)
-    w_qkv = t(rng.standard_normal((d, 3 * d)) / math.sqrt(d), device)
-    b_qkv = t(rng.standard_normal(3 * d), device)
-    w_out = t(rng.standard_normal((d, d)) / math.sqrt(d), device)
-    b_out = t(rng.standard_normal(d), device)
-    mask = on(device, dropout_mask((2, heads, 4, 4)))
-    mv.gradcheck(lambda *args: multi_head_attention(*args, heads, mask),
-                 z, w_qkv, b_qkv, w_out, b_out)
-
-
-# --- wrong backward passes are caught --------------------------------------------------------
 
 class NoScaleInDq(ScaledDotProductAttention):
     """Forgets the 1/sqrt(D_h) in dq = c dS k."""
@@ -278,7 +234,7 @@ def test_gradcheck_catches_wrong_backward(device, rng, wrong):
         mv.gradcheck(lambda q, k, v: wrong(mask)(q, k, v), q, k, v)
 
 
-# --- heads and multi-head attention -------------------------------------------------------
+# --- heads and multi-head attention -----------------------------------------------------
 
 def test_split_and_merge_heads(device, rng):
     x = rng.standard_normal((2, 5, 6))
@@ -309,6 +265,18 @@ def test_multi_head_attention_matches_loops(device, rng, masked, biased):
     np.testing.assert_allclose(weights.numpy(), want_weights, rtol=1e-10, atol=1e-12)
 
 
+def test_gradcheck_multi_head_attention(device, rng):
+    d, heads = 6, 3
+    z = t(rng.standard_normal((2, 4, d)), device)
+    w_qkv = t(rng.standard_normal((d, 3 * d)) / math.sqrt(d), device)
+    b_qkv = t(rng.standard_normal(3 * d), device)
+    w_out = t(rng.standard_normal((d, d)) / math.sqrt(d), device)
+    b_out = t(rng.standard_normal(d), device)
+    mask = on(device, dropout_mask((2, heads, 4, 4)))
+    mv.gradcheck(lambda *args: multi_head_attention(*args, heads, mask),
+                 z, w_qkv, b_qkv, w_out, b_out)
+
+
 @pytest.mark.parametrize("shape", [(7, 12), (2, 7, 12), (2, 3, 7, 12)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_self_attention_equals_split_attention_merge(device, rng, shape, masked):
@@ -328,8 +296,8 @@ def test_self_attention_equals_split_attention_merge(device, rng, shape, masked)
     assert fused.shape == composed.shape == shape[:-1] + (d,)
     np.testing.assert_allclose(fused.numpy(), composed.numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(fused_weights.numpy(), weights.numpy(), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(backend.to_numpy(fused_in.grad),
-                               backend.to_numpy(composed_in.grad), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(numpy_grad(fused_in),
+                               numpy_grad(composed_in), rtol=1e-12, atol=1e-13)
     assert not fused_weights.requires_grad
 
 
@@ -340,19 +308,7 @@ def test_gradcheck_self_attention(device, rng, masked):
     assert mv.gradcheck(lambda qkv: self_attention(qkv, 2, mask), qkv) < 1e-6
 
 
-def test_self_attention_errors(device):
-    with pytest.raises(ValueError, match=r"expects qkv of shape \(..., T, 3D\), got \(2, 5, 10\)"):
-        self_attention(t(np.ones((2, 5, 10)), device), 2)
-    with pytest.raises(ValueError, match="the width D=6 is not divisible by num_heads=4"):
-        self_attention(t(np.ones((2, 5, 18)), device), 4)
-    with pytest.raises(ValueError, match="num_heads must be a positive integer, got 0"):
-        self_attention(t(np.ones((2, 5, 18)), device), 0)
-    with pytest.raises(ValueError, match=r"dropout_mask has shape \(2, 3, 5, 5\), expected "
-                                         r"the attention weights' shape \(2, 2, 5, 5\)"):
-        self_attention(t(np.ones((2, 5, 18)), device), 2, on(device, np.ones((2, 3, 5, 5))))
-
-
-# --- float32 stays float32 ----------------------------------------------------------------
+# --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_float32_in_float32_out(device, rng):
     f32 = lambda shape: t(rng.standard_normal(shape).astype(np.float32), device)  # noqa: E731
@@ -370,8 +326,6 @@ def test_float32_in_float32_out(device, rng):
     assert out.dtype == np.float32
     assert all(x.grad.dtype == np.float32 for x in (z, w_qkv, b_qkv, w_out, b_out))
 
-
-# --- errors ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("q_shape, k_shape, v_shape, mask_shape, match", [
     ((2, 5, 4), (2, 5, 3), (2, 5, 4), None, "same last axis D_h"),
@@ -414,3 +368,15 @@ def test_head_and_weight_shape_errors(device):
         multi_head_attention(x, w_qkv, b_qkv, w_out, t(np.ones(5), device), 2)
     with pytest.raises(ValueError, match="D=6 is not divisible by num_heads=4"):
         multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, 4)
+
+
+def test_self_attention_errors(device):
+    with pytest.raises(ValueError, match=r"expects qkv of shape \(..., T, 3D\), got \(2, 5, 10\)"):
+        self_attention(t(np.ones((2, 5, 10)), device), 2)
+    with pytest.raises(ValueError, match="the width D=6 is not divisible by num_heads=4"):
+        self_attention(t(np.ones((2, 5, 18)), device), 4)
+    with pytest.raises(ValueError, match="num_heads must be a positive integer, got 0"):
+        self_attention(t(np.ones((2, 5, 18)), device), 0)
+    with pytest.raises(ValueError, match=r"dropout_mask has shape \(2, 3, 5, 5\), expected "
+                                         r"the attention weights' shape \(2, 2, 5, 5\)"):
+        self_attention(t(np.ones((2, 5, 18)), device), 2, on(device, np.ones((2, 3, 5, 5))))

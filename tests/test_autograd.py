@@ -1,16 +1,33 @@
-"""The graph walk: the chain rule, summed over every path.
+"""The graph walk: the chain rule, summed over every path (minivit/autograd.py).
 
-For L computed from x through intermediate tensors, dL/dx = sum over the paths from x
-to L of the product of the local derivatives along each path.  backward() realises
-this without enumerating paths: it visits tensors in reverse topological order (each
-tensor after everything computed from it), so when it reaches t, dL/dt is complete
-(the sum of what every consumer of t sent back), and it then sends dL/dt through t's
-Function to t's inputs.
+For L computed from x through intermediate tensors, dL/dx is the sum over the paths from
+x to L of the product of the local derivatives along each path.  backward() visits the
+tensors in reverse topological order (each after everything computed from it), so when
+it reaches t, dL/dt is complete, and sends it through t's Function to t's inputs (see
+backward_walk and _topological_order).  These tests check, in order:
 
-A "diamond", y = a * a with a = 3x, uses a twice: dL/da = g*a + g*a = 2ga, and the
-walk must add both contributions before going on to x (dL/dx = 3 * 2ga = 18xg).
-The walk is a loop over an explicit stack, so a chain of 10,000 ops needs no
-recursion; and after backward the graph is released so its saved arrays are freed.
+1. A small graph, log(sum_j e^{(x w)_ij} / 3) averaged over i, gets the gradients worked
+   out by hand, dx = P w^T / 4 and dw = x^T P / 4 with P the row softmax of x w
+   (test_a_small_graph_matches_the_chain_rule_by_hand).
+2. A tensor used twice adds both contributions before the walk goes on: y = a * a with
+   a = 3x gives dL/dx = 3 * 2 a g = 18 x g (test_diamond_accumulates_both_paths), in one
+   op and across ops (test_tensor_used_many_times_in_one_op_and_across_ops).
+3. The walk is a loop over an explicit stack: a chain of 10,000 ops needs no recursion
+   (test_chain_of_10000_ops_has_no_recursion_error).
+4. After backward the graph is released, so its saved arrays are freed
+   (test_graph_is_released_after_backward); a second backward needs retain_graph and
+   then adds to .grad (test_second_backward_needs_retain_graph).
+5. Leaves never share a gradient array (test_leaf_grads_never_alias); an intermediate
+   keeps its gradient when asked (test_retain_grad_keeps_an_intermediate_gradient); only
+   inputs that require grad get one (test_only_inputs_that_require_grad_get_one).
+6. Under no_grad no graph is built, and the mode comes back even after an exception
+   (test_no_grad_builds_no_graph, test_no_grad_restores_the_mode_after_an_exception).
+7. An array on the left of an operator defers to the tensor
+   (test_ndarray_on_the_left_defers_to_tensor), and a tensor reports its shape, dtype,
+   device and values (test_tensor_attributes).
+
+Then the errors: backward without a gradient on a non-scalar, bad constructors, and a
+Function whose backward returns a gradient of the wrong shape or dtype.
 """
 import gc
 import weakref
@@ -21,8 +38,12 @@ import pytest
 import minivit as mv
 from minivit.autograd import Function
 
+from conftest import numpy_grad
 
-def test_issue_example(device):
+
+# --- the chain rule ---------------------------------------------------------------------
+
+def test_a_small_graph_matches_the_chain_rule_by_hand(device):
     rng = np.random.default_rng(0)
     x_np, w_np = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
     x = mv.tensor(x_np, requires_grad=True, device=device)
@@ -33,8 +54,8 @@ def test_issue_example(device):
     # d loss / d (xw)_ij = softmax_ij / 4, so dx = P w^T / 4 and dw = x^T P / 4.
     z = x_np @ w_np
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) / 4
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), p @ w_np.T, rtol=1e-12)
-    np.testing.assert_allclose(mv.backend.to_numpy(w.grad), x_np.T @ p, rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(x), p @ w_np.T, rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(w), x_np.T @ p, rtol=1e-12)
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
     assert mv.gradcheck(lambda x, w: ((x @ w).exp().sum() / 3.0).log(), x, w) < 1e-6
 
@@ -43,15 +64,17 @@ def test_diamond_accumulates_both_paths(device):
     x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
     a = x * 3.0
     (a * a).sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [18.0, 36.0])
+    np.testing.assert_allclose(numpy_grad(x), [18.0, 36.0])
 
 
 def test_tensor_used_many_times_in_one_op_and_across_ops(device):
     x = mv.tensor([2.0], requires_grad=True, device=device)
     y = x * x + x * 4.0 - x            # dy/dx = 2x + 3 = 7
     y.sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [7.0])
+    np.testing.assert_allclose(numpy_grad(x), [7.0])
 
+
+# --- the walk and the graph's lifetime --------------------------------------------------
 
 def test_chain_of_10000_ops_has_no_recursion_error(device):
     x = mv.tensor([1.0], requires_grad=True, device=device)
@@ -59,25 +82,7 @@ def test_chain_of_10000_ops_has_no_recursion_error(device):
     for _ in range(10_000):
         y = y * 1.0001
     y.sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [1.0001 ** 10_000], rtol=1e-9)
-
-
-def test_no_grad_builds_no_graph(device):
-    x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
-    with mv.no_grad():
-        y = (x * 2.0).exp()
-        assert not mv.is_grad_enabled()
-    assert mv.is_grad_enabled()
-    assert y.creator is None and not y.requires_grad
-    with pytest.raises(RuntimeError, match="does not require grad"):
-        y.sum().backward()
-
-
-def test_no_grad_restores_the_mode_after_an_exception():
-    with pytest.raises(ZeroDivisionError):
-        with mv.no_grad():
-            1 / 0
-    assert mv.is_grad_enabled()
+    np.testing.assert_allclose(numpy_grad(x), [1.0001 ** 10_000], rtol=1e-9)
 
 
 def test_graph_is_released_after_backward(device):
@@ -97,20 +102,9 @@ def test_second_backward_needs_retain_graph(device):
     loss = (x * x).sum()
     loss.backward(retain_graph=True)
     loss.backward()                          # the graph was kept for this second pass
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [12.0])   # 6 + 6: grads accumulate
+    np.testing.assert_allclose(numpy_grad(x), [12.0])   # 6 + 6: grads accumulate
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         loss.backward()
-
-
-def test_backward_needs_a_scalar_or_a_gradient(device):
-    x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
-    with pytest.raises(RuntimeError, match=r"single-value tensor, got shape \(2,\)"):
-        (x * 2.0).backward()
-    with pytest.raises(ValueError, match=r"grad has shape \(3,\), expected the tensor's shape \(2,\)"):
-        (x * 2.0).backward(np.ones(3))
-    y = x * 2.0
-    y.backward(mv.backend.to_device(np.array([1.0, 10.0]), device))
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [2.0, 20.0])
 
 
 def test_leaf_grads_never_alias(device):
@@ -118,14 +112,14 @@ def test_leaf_grads_never_alias(device):
     b = mv.tensor([1.0], requires_grad=True, device=device)
     (a + b).sum().backward()                 # Add hands the same g to both inputs
     a.grad *= 5
-    np.testing.assert_allclose(mv.backend.to_numpy(b.grad), [1.0])
+    np.testing.assert_allclose(numpy_grad(b), [1.0])
 
 
 def test_retain_grad_keeps_an_intermediate_gradient(device):
     x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
     h = (x * 3.0).retain_grad()
     (h * h).sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(h.grad), [6.0, 12.0])     # 2h
+    np.testing.assert_allclose(numpy_grad(h), [6.0, 12.0])     # 2h
     other = x * 3.0
     assert other.grad is None
 
@@ -135,7 +129,36 @@ def test_only_inputs_that_require_grad_get_one(device):
     c = mv.tensor([5.0], device=device)
     (x * c).sum().backward()
     assert c.grad is None
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [5.0])
+    np.testing.assert_allclose(numpy_grad(x), [5.0])
+
+
+# --- no_grad and tensors ----------------------------------------------------------------
+
+def test_no_grad_builds_no_graph(device):
+    x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
+    with mv.no_grad():
+        y = (x * 2.0).exp()
+        assert not mv.is_grad_enabled()
+    assert mv.is_grad_enabled()
+    assert y.creator is None and not y.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
+
+
+def test_no_grad_restores_the_mode_after_an_exception():
+    with pytest.raises(ZeroDivisionError):
+        with mv.no_grad():
+            1 / 0
+    assert mv.is_grad_enabled()
+
+
+def test_ndarray_on_the_left_defers_to_tensor(device):
+    x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
+    a = mv.backend.to_device(np.array([3.0, 4.0]), device)
+    y = a * x
+    assert isinstance(y, mv.Tensor)
+    y.sum().backward()
+    np.testing.assert_allclose(numpy_grad(x), [3.0, 4.0])
 
 
 def test_tensor_attributes(device):
@@ -150,6 +173,19 @@ def test_tensor_attributes(device):
     assert d.creator is None and not d.requires_grad
     assert "requires_grad=True" in repr(x) and f"device='{device}'" in repr(x)
     assert x.is_leaf and not (x * 2).is_leaf
+
+
+# --- errors, dtypes and devices ---------------------------------------------------------
+
+def test_backward_needs_a_scalar_or_a_gradient(device):
+    x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
+    with pytest.raises(RuntimeError, match=r"single-value tensor, got shape \(2,\)"):
+        (x * 2.0).backward()
+    with pytest.raises(ValueError, match=r"grad has shape \(3,\), expected the tensor's shape \(2,\)"):
+        (x * 2.0).backward(np.ones(3))
+    y = x * 2.0
+    y.backward(mv.backend.to_device(np.array([1.0, 10.0]), device))
+    np.testing.assert_allclose(numpy_grad(x), [2.0, 20.0])
 
 
 def test_constructor_errors():
@@ -172,15 +208,6 @@ def test_a_wrong_gradient_shape_is_reported(device):
     x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
     with pytest.raises(RuntimeError, match=r"Broken.backward returned a gradient of shape \(\)"):
         Broken()(x).sum().backward()
-
-
-def test_ndarray_on_the_left_defers_to_tensor(device):
-    x = mv.tensor([1.0, 2.0], requires_grad=True, device=device)
-    a = mv.backend.to_device(np.array([3.0, 4.0]), device)
-    y = a * x
-    assert isinstance(y, mv.Tensor)
-    y.sum().backward()
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad), [3.0, 4.0])
 
 
 def test_a_wrong_gradient_dtype_is_reported(device):

@@ -1,49 +1,44 @@
 """The operations of the hybrid's ResNet stem (Sec. 3.1): "SAME" convolutions, max
-pooling, weight standardisation and GroupNorm, and the derivations of their backward.
+pooling, weight standardisation and GroupNorm.
 
-"SAME" padding (TensorFlow's, which the official Flax code uses).  An axis of n pixels,
-kernel k, stride s keeps OH = ceil(n / s) outputs.  The windows then span
-(OH - 1) s + k pixels, so p = max((OH - 1) s + k - n, 0) zeros are added: p // 2 before
-and p - p // 2 after.  7x7 stride 2 at 224: OH = 112, p = 111 * 2 + 7 - 224 = 5 -> (2, 3);
-a 3x3 stride-2 pool at 112: OH = 56, p = 55 * 2 + 3 - 112 = 1 -> (0, 1).  A symmetric
-PyTorch padding of 3 (resp. 1) reads windows shifted by one pixel: different numbers.
-With the padding fixed, the convolution is im2col (a 0/1 selection cols = A x, padding
-reads nothing) times the kernel, and its backward is col2im = A^T, as in test_patch.py;
-the asymmetry only changes which rows of A are empty.
+Each derivation has one home: same_padding and conv2d in minivit/ops/patch.py,
+MaxPool2d and WeightStandardize in minivit/ops/conv.py, GroupNorm in
+minivit/ops/norm.py.  The loop definitions of the convolution, weight standardisation
+and GroupNorm are in tests/reference.py.  These tests check, in order:
 
-Max pooling.  y[b, c, r, s] = max_{i, j} x_pad[b, c, S r + i, S s + j], x_pad = x with
--inf around it (so the padding never wins).  Away from ties y equals the one pixel
-where the window's maximum sits, so dy/dx is 1 there and 0 elsewhere in the window:
+1. "SAME" padding (TensorFlow's, as in the official Flax code) keeps ceil(n / s) outputs,
+   padding p = max((ceil(n/s) - 1) s + k - n, 0) zeros, p // 2 before and the rest after:
+   (2, 3) for the root's 7x7/2 at 224 px, (0, 1) for the pool at 112
+   (test_same_padding_of_the_official_root_block, test_same_padding_keeps_ceil_n_over_s_outputs).
+2. A "SAME" conv2d is the loop convolution with that padding
+   (test_conv2d_same_matches_loops), not PyTorch's symmetric padding
+   (test_same_is_not_the_symmetric_padding); "VALID" is no padding (test_valid_is_no_padding).
+3. With the asymmetric padding im2col and col2im stay adjoint
+   (test_same_im2col_and_col2im_are_adjoint), and the convolution passes float64
+   gradient checks (test_gradcheck_conv2d_same).
+4. Max pooling takes each window's largest pixel, and its backward sends each window's
+   g to that pixel, dx[h, w] = sum of g over the windows whose maximum is (h, w)
+   (test_max_pool_matches_loops_forward_and_backward); the -inf padding never wins
+   (test_max_pool_pads_with_minus_infinity); gradient checks pass on inputs without ties
+   (test_gradcheck_max_pool); at a tie the gradient goes to the window's first maximum
+   (test_a_tie_sends_the_gradient_to_the_first_maximum).
+5. Weight standardisation is (w - mean) / (std + 1e-5) per output channel
+   (test_weight_standardize_matches_loops), with eps added outside the root, as the
+   official code does (test_eps_is_added_to_the_standard_deviation), so it ignores a
+   channel's scale and shift (test_weight_standardize_ignores_the_scale_and_shift_of_each_channel).
+6. Its backward is the derived dw = (g - mean(g)) / d - w_hat * mean(g * w_hat) / s,
+   d = s + eps (test_weight_standardize_backward_follows_the_derived_formula); gradient
+   checks pass (test_gradcheck_weight_standardize).
+7. GroupNorm normalises each group of C/G channels and all its pixels as one vector
+   (test_group_norm_matches_loops): one group is a LayerNorm over (C, H, W)
+   (test_one_group_is_a_layer_norm_over_channels_and_pixels), and images never mix
+   (test_group_norm_never_mixes_the_images_of_a_batch).
+8. Its backward is LayerNorm's formula within each group, with g = dy * gamma_c:
+   dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma, dgamma_c = sum dy x_hat,
+   dbeta_c = sum dy (test_group_norm_backward_follows_the_derived_formula); gradient
+   checks pass (test_gradcheck_group_norm).
 
-    dx[b, c, h, w] = sum of g[b, c, r, s] over the windows (r, s) whose maximum is (h, w).
-
-At a tie the function has a kink and no gradient; the tests choose inputs without ties
-(a permutation of distinct values) for the checks, and document the choice minivit
-makes there (the first maximum of the window, row-major).
-
-Weight standardisation.  Per output channel of a kernel w (KH, KW, C_in, C_out), over
-its n = KH KW C_in weights:  c = w - mean(w),  s = sqrt(mean(c^2)),  d = s + eps,
-w_hat = c / d  (eps = 1e-5 added to the standard deviation, outside the root, as the
-official models_resnet.py does).  With dc_i/dw_j = delta_ij - 1/n and ds/dw_j = c_j/(n s),
-
-    dw_hat_i/dw_j = (delta_ij - 1/n) / d - c_i c_j / (n s d^2),
-    dw = sum_i g_i dw_hat_i/dw_j = (g - mean(g)) / d - w_hat * mean(g * w_hat) / s,
-
-using c = d w_hat.  w_hat does not change when a channel of w is scaled or shifted (up
-to eps): the convolution only sees the kernel's shape, not its size.
-
-GroupNorm.  The C channels of an image form G groups of C/G consecutive channels; each
-group, all its channels and pixels together (n = (C/G) H W values), is normalised like
-one LayerNorm vector: x_hat = (x - mu) / sqrt(var + eps), eps = 1e-6; then
-y = gamma_c x_hat + beta_c per channel.  With g = dy * gamma (= dL/dx_hat) the
-LayerNorm derivation goes through unchanged within each group:
-
-    dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma      (means over the group),
-    dgamma_c = sum_{b,h,w} dy x_hat,    dbeta_c = sum_{b,h,w} dy.
-
-G = 1 is a LayerNorm over (C, H, W) with a per-channel affine; G = C normalises every
-channel alone (InstanceNorm).  Like LayerNorm and unlike BatchNorm, it never mixes
-images of a batch.
+Then float32 staying float32 and the errors.
 """
 import numpy as np
 import pytest
@@ -54,13 +49,12 @@ from minivit.ops.conv import max_pool2d, weight_standardize
 from minivit.ops.norm import group_norm, layer_norm
 from minivit.ops.patch import col2im, conv2d, im2col, same_padding
 
+from conftest import numpy_grad
+from reference import loop_conv2d, loop_group_norm, loop_weight_standardize
+
 
 def _t(a, device, requires_grad=True):
     return mv.tensor(np.asarray(a, dtype=np.float64), requires_grad=requires_grad, device=device)
-
-
-def _grad(t):
-    return backend.to_numpy(t.grad)
 
 
 def distinct(rng, shape):
@@ -69,7 +63,7 @@ def distinct(rng, shape):
     return (rng.permutation(size) / size * 2 - 1).reshape(shape)
 
 
-# --- "SAME" padding ---------------------------------------------------------------------
+# --- "SAME" padding and convolutions ----------------------------------------------------
 
 def test_same_padding_of_the_official_root_block():
     assert same_padding(224, 7, 2) == (2, 3)          # conv_root at 224 px
@@ -90,25 +84,6 @@ def test_same_padding_keeps_ceil_n_over_s_outputs(n, k, s):
     assert (out - 1) * s + k <= n + before + after     # the last window fits
 
 
-def loop_conv_same(x, w, stride):
-    """y[b, d, r, s] = sum_{i,j,c} x[b, c, S r + i - top, S s + j - left] w[i, j, c, d],
-    a pixel outside the image counting as 0, with TensorFlow's top and left padding."""
-    kh, kw, C, D = w.shape
-    B, _, H, W = x.shape
-    (top, _), (left, _) = same_padding(H, kh, stride), same_padding(W, kw, stride)
-    oh, ow = -(-H // stride), -(-W // stride)
-    y = np.zeros((B, D, oh, ow))
-    for b in range(B):
-        for r in range(oh):
-            for s in range(ow):
-                for i in range(kh):
-                    for j in range(kw):
-                        h, v = stride * r + i - top, stride * s + j - left
-                        if 0 <= h < H and 0 <= v < W:
-                            y[b, :, r, s] += x[b, :, h, v] @ w[i, j]
-    return y
-
-
 # (image, kernel (KH, KW, C_in, C_out), stride): the root conv's 7x7/2 at an odd and an
 # even size, a unit's 3x3 at stride 1 and 2, a 1x1 projection with stride 2, and a
 # rectangular image.
@@ -122,7 +97,8 @@ def test_conv2d_same_matches_loops(device, rng, shape, kshape, stride):
     x, w = rng.standard_normal(shape), rng.standard_normal(kshape)
     y = conv2d(_t(x, device), _t(w, device), None, stride, "SAME")
     assert y.shape[2:] == (-(-shape[2] // stride), -(-shape[3] // stride))
-    np.testing.assert_allclose(y.numpy(), loop_conv_same(x, w, stride), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y.numpy(), loop_conv2d(x, w, None, stride, "SAME"),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_same_is_not_the_symmetric_padding(device, rng):
@@ -158,16 +134,7 @@ def test_gradcheck_conv2d_same(device, rng, shape, kshape, stride):
     assert mv.gradcheck(lambda x, w: conv2d(x, w, None, stride, "SAME"), x, w) < 1e-6
 
 
-def test_padding_options_are_checked(device):
-    x, w = _t(np.zeros((1, 1, 5, 5)), device), _t(np.zeros((3, 3, 1, 1)), device)
-    with pytest.raises(ValueError, match="padding must be an int, a pair, 'SAME' or 'VALID', "
-                                         "got 'HALF'"):
-        conv2d(x, w, None, 1, "HALF")
-    with pytest.raises(ValueError, match=r"padding must be >= 0, got \(\(1, -1\), \(0, 0\)\)"):
-        conv2d(x, w, None, 1, ((1, -1), (0, 0)))
-
-
-# --- max pooling -----------------------------------------------------------------------
+# --- max pooling ------------------------------------------------------------------------
 
 def loop_max_pool(x, k, stride):
     """y[b, c, r, s] = the largest x[b, c, h, w] of the window, pixels outside ignored;
@@ -200,7 +167,7 @@ def test_max_pool_matches_loops_forward_and_backward(device, rng, shape):
     dx = np.zeros_like(x)                     # each window's g lands on its maximum
     for (b, c, r, s), (h, v) in where.items():
         dx[b, c, h, v] += g[b, c, r, s]
-    np.testing.assert_allclose(_grad(t), dx, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(t), dx, rtol=1e-14, atol=1e-14)
 
 
 def test_max_pool_pads_with_minus_infinity(device):
@@ -220,29 +187,10 @@ def test_a_tie_sends_the_gradient_to_the_first_maximum(device):
     x = _t(np.ones((1, 1, 2, 2)), device)
     y = max_pool2d(x, 2, 2, "VALID")
     y.backward(backend.asarray(np.full((1, 1, 1, 1), 3.0), device=device))
-    np.testing.assert_array_equal(_grad(x)[0, 0], [[3, 0], [0, 0]])
+    np.testing.assert_array_equal(numpy_grad(x)[0, 0], [[3, 0], [0, 0]])
 
 
-def test_max_pool_rejects_bad_input(device):
-    with pytest.raises(ValueError, match=r"floating images of shape \(B, C, H, W\), got shape "
-                                         r"\(4, 4\)"):
-        max_pool2d(_t(np.zeros((4, 4)), device))
-    ints = mv.tensor(np.zeros((1, 1, 4, 4), dtype=np.int64), device=device)
-    with pytest.raises(ValueError, match="dtype int64"):
-        max_pool2d(ints)
-    with pytest.raises(ValueError, match="windows of padding alone"):
-        max_pool2d(_t(np.zeros((1, 1, 4, 4)), device), 2, 2, 2)
-
-
-# --- weight standardisation ------------------------------------------------------------
-
-def loop_weight_standardize(w, eps):
-    out = np.empty_like(w)
-    for d in range(w.shape[3]):
-        channel = w[:, :, :, d]
-        out[:, :, :, d] = (channel - channel.mean()) / (channel.std() + eps)
-    return out
-
+# --- weight standardisation -------------------------------------------------------------
 
 def test_weight_standardize_matches_loops(device, rng):
     w = rng.standard_normal((3, 3, 4, 5)) * 0.1 + 0.3
@@ -276,7 +224,7 @@ def test_weight_standardize_backward_follows_the_derived_formula(device, rng):
     d = s + 1e-5
     w_hat = (w - w.mean(axis=(0, 1, 2), keepdims=True)) / d
     mean = lambda a: a.mean(axis=(0, 1, 2), keepdims=True)            # noqa: E731
-    np.testing.assert_allclose(_grad(t), (g - mean(g)) / d - w_hat * mean(g * w_hat) / s,
+    np.testing.assert_allclose(numpy_grad(t), (g - mean(g)) / d - w_hat * mean(g * w_hat) / s,
                                rtol=1e-12, atol=1e-14)
 
 
@@ -285,26 +233,7 @@ def test_gradcheck_weight_standardize(device, rng, shape):
     assert mv.gradcheck(weight_standardize, _t(rng.standard_normal(shape), device)) < 1e-6
 
 
-def test_weight_standardize_rejects_what_is_not_a_kernel(device):
-    with pytest.raises(ValueError, match=r"kernel of shape \(KH, KW, C_in, C_out\), got shape "
-                                         r"\(9, 4\)"):
-        weight_standardize(_t(np.zeros((9, 4)), device))
-
-
-# --- GroupNorm -------------------------------------------------------------------------
-
-def loop_group_norm(x, gamma, beta, G, eps):
-    B, C = x.shape[:2]
-    y = np.empty_like(x)
-    per = C // G
-    for b in range(B):
-        for k in range(G):
-            group = x[b, k * per:(k + 1) * per]                 # (C/G, H, W)
-            x_hat = (group - group.mean()) / np.sqrt(group.var() + eps)
-            for c in range(per):
-                y[b, k * per + c] = gamma[k * per + c] * x_hat[c] + beta[k * per + c]
-    return y
-
+# --- GroupNorm --------------------------------------------------------------------------
 
 def _affine(rng, C, device):
     return _t(1 + 0.5 * rng.standard_normal(C), device), _t(rng.standard_normal(C), device)
@@ -346,10 +275,10 @@ def test_group_norm_backward_follows_the_derived_formula(device, rng):
     x_hat = (groups - groups.mean(-1, keepdims=True)) / sigma
     g = (dy * gamma.numpy()[:, None, None]).reshape(B, G, -1)
     dx = (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True)) / sigma
-    np.testing.assert_allclose(_grad(t), dx.reshape(x.shape), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(numpy_grad(t), dx.reshape(x.shape), rtol=1e-12, atol=1e-13)
     x_hat = x_hat.reshape(x.shape)
-    np.testing.assert_allclose(_grad(gamma), (dy * x_hat).sum((0, 2, 3)), rtol=1e-12)
-    np.testing.assert_allclose(_grad(beta), dy.sum((0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(gamma), (dy * x_hat).sum((0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(beta), dy.sum((0, 2, 3)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape,G", [((2, 6, 2, 3), 3), ((1, 4, 3, 3), 1), ((2, 4, 2, 2), 4)])
@@ -359,6 +288,8 @@ def test_gradcheck_group_norm(device, rng, shape, G):
     assert mv.gradcheck(lambda x, gm, bt: group_norm(x, gm, bt, G), x, gamma, beta) < 1e-6
 
 
+# --- errors, dtypes and devices ---------------------------------------------------------
+
 def test_group_norm_keeps_float32(device, rng):
     f32 = np.float32
     x = mv.tensor(rng.standard_normal((2, 4, 3, 3)).astype(f32), requires_grad=True, device=device)
@@ -367,6 +298,32 @@ def test_group_norm_keeps_float32(device, rng):
     y = group_norm(x, gamma, beta, 2)
     y.backward(backend.asarray(np.ones(y.shape, f32), device=device))
     assert y.dtype == x.grad.dtype == gamma.grad.dtype == beta.grad.dtype == f32
+
+
+def test_padding_options_are_checked(device):
+    x, w = _t(np.zeros((1, 1, 5, 5)), device), _t(np.zeros((3, 3, 1, 1)), device)
+    with pytest.raises(ValueError, match="padding must be an int, a pair, 'SAME' or 'VALID', "
+                                         "got 'HALF'"):
+        conv2d(x, w, None, 1, "HALF")
+    with pytest.raises(ValueError, match=r"padding must be >= 0, got \(\(1, -1\), \(0, 0\)\)"):
+        conv2d(x, w, None, 1, ((1, -1), (0, 0)))
+
+
+def test_max_pool_rejects_bad_input(device):
+    with pytest.raises(ValueError, match=r"floating images of shape \(B, C, H, W\), got shape "
+                                         r"\(4, 4\)"):
+        max_pool2d(_t(np.zeros((4, 4)), device))
+    ints = mv.tensor(np.zeros((1, 1, 4, 4), dtype=np.int64), device=device)
+    with pytest.raises(ValueError, match="dtype int64"):
+        max_pool2d(ints)
+    with pytest.raises(ValueError, match="windows of padding alone"):
+        max_pool2d(_t(np.zeros((1, 1, 4, 4)), device), 2, 2, 2)
+
+
+def test_weight_standardize_rejects_what_is_not_a_kernel(device):
+    with pytest.raises(ValueError, match=r"kernel of shape \(KH, KW, C_in, C_out\), got shape "
+                                         r"\(9, 4\)"):
+        weight_standardize(_t(np.zeros((9, 4)), device))
 
 
 def test_group_norm_rejects_bad_input(device):

@@ -1,40 +1,34 @@
 """minivit.inspection: what a trained ViT learned (Sec. 4.5, Fig. 6-7, App. D.7-D.8).
 
-Each quantity is checked against its definition written out with explicit loops:
+Each quantity is defined in the docstring of its function in minivit/inspection.py and
+written out below with explicit loops.  These tests check, in order:
 
-Attention maps.  Block l sees tokens z (T of width D), normalises them, y = LN(z)
-(eps 1e-6), projects [q, k, v] = y U_qkv + b, and for head h (features h D_h ...
-(h+1) D_h - 1 of each) computes
+1. The attention maps are the weights the forward pass uses: block l normalises its
+   tokens, y = LN(z), projects [q, k, v] = y U_qkv + b and, per head h,
+   A_h = softmax(q_h k_h^T / sqrt(D_h)); finishing the block by hand from them,
+   z' = z + [A_1 v_1; ...; A_k v_k] U_msa + b (Eq. 2), z'' = z' + MLP(LN(z')) (Eq. 3),
+   gives the model's own block(z) (test_attention_maps_are_the_weights_the_forward_pass_uses).
+   Reading them leaves the model's mode alone and accepts tensors
+   (test_attention_maps_keep_evaluation_mode_and_accept_tensors).
+2. Rollout (Abnar & Zuidema; App. D.8): M_l = (mean_h A_l + I) / 2 and R = M_L ... M_1,
+   multiplied out with loops (test_rollout_multiplies_the_blocks_from_first_to_last); one
+   block gives half attention, half identity
+   (test_rollout_of_one_block_is_half_attention_half_identity).
+3. Mean attention distance (App. D.7): over the N patch tokens of a g x g grid ([CLS]
+   dropped, no renormalisation), d[l, h] = 1/(B N) sum_b sum_i sum_j A_l[b, h, i, j] P
+   |(r_i, c_i) - (r_j, c_j)| (test_mean_attention_distance_against_loops); attention to
+   oneself gives 0, to the right neighbour P times the fraction of patches that have one
+   (test_mean_attention_distance_closed_forms).
+4. Position-embedding similarity (Fig. 7 centre): S[r, c, r', c'] =
+   cos(E_pos[1 + r g + c], E_pos[1 + r' g + c']) (test_position_embedding_similarity_against_loops),
+   for fixed embeddings too and none without
+   (test_position_embedding_similarity_of_fixed_and_missing_embeddings).
+5. Embedding filters (Fig. 7 left): the principal components of the columns of E, the
+   eigenvectors of F_c^T F_c by decreasing eigenvalue (eigh here, the SVD in the
+   library), each reshaped to a (P, P, C) picture in the order patchify cuts
+   (test_embedding_filters_are_the_principal_components).
 
-    A_h[i, j] = exp(s_ij) / sum_j' exp(s_ij'),   s_ij = q_i . k_j / sqrt(D_h).
-
-That these are the weights the model *uses* is checked by finishing the block by hand
-from them, z' = z + [A_1 v_1; ...; A_k v_k] U_msa + b (Eq. 2), z'' = z' + MLP(LN(z'))
-(Eq. 3), and comparing z'' with the model's own block(z).
-
-Rollout (Abnar & Zuidema; App. D.8).  M_l[i, j] = (mean_h A_l[h, i, j] + delta_ij) / 2
--- each row of mean_h A sums to 1, so adding the identity makes it sum to 2, and
-renormalising divides by 2 -- and R = M_L ... M_1, multiplied out with loops over i, j, m.
-
-Mean attention distance (App. D.7; the authors' code in issue #162 of the official
-repository).  For block l and head h, over the N patch tokens (the [CLS] row and
-column dropped, no renormalisation):
-
-    d[l, h] = 1/(B N) sum_b sum_i sum_j A_l[b, h, i, j] * P * |(r_i, c_i) - (r_j, c_j)|
-
-with (r_i, c_i) = (i // g, i % g) on the g x g grid.  Two closed forms as well:
-attention of every patch to itself gives 0, and attention of each patch to its right
-neighbour (where it has one) gives P times the fraction of patches that have one.
-
-Position-embedding similarity (Fig. 7 centre).  S[r, c, r', c'] =
-cos(E_pos[1 + r g + c], E_pos[1 + r' g + c']) ([CLS] is row 0), by loops.
-
-Embedding filters (Fig. 7 left).  The principal components of the D filters (the
-columns of E, each P*P*C values): the eigenvectors of the covariance
-F_c^T F_c of the centred filters F_c, by decreasing eigenvalue -- computed here with
-eigh instead of the library's SVD (F_c = U S V^T gives F_c^T F_c = V S^2 V^T).  A
-component reshaped to (P, P, C) must be a picture: cut out of an image by patchify, it
-gives back the same vector, so (row, column, channel) is the order E multiplies.
+Then the errors.
 """
 import math
 import types
@@ -45,6 +39,10 @@ import pytest
 import minivit as mv
 from minivit import backend, inspection
 from minivit.nn import VisionTransformer
+
+from conftest import as_numpy
+from reference import gelu, layer_norm, loop_attention
+
 
 TINY = dict(image_size=8, patch_size=2, num_classes=3, hidden_size=8, depth=2, num_heads=2,
             mlp_dim=12)
@@ -59,18 +57,7 @@ def images(n=2, size=8, seed=0):
 
 
 def host(t):
-    return backend.to_numpy(t.data if isinstance(t, mv.Tensor) else t).astype(np.float64)
-
-
-# --- the definitions, with loops ------------------------------------------------------
-
-def layer_norm(x, scale, bias, eps=1e-6):
-    mu = x.mean(axis=-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(axis=-1, keepdims=True) + eps) * scale + bias
-
-
-def gelu(x):
-    return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    return as_numpy(t).astype(np.float64)
 
 
 def block_by_hand(block, z):
@@ -87,11 +74,7 @@ def block_by_hand(block, z):
     for b in range(B):
         for h in range(H):
             q, k, v = (qkv[b, :, s * D + h * d: s * D + (h + 1) * d] for s in range(3))
-            for i in range(T):
-                scores = [q[i] @ k[j] / math.sqrt(d) for j in range(T)]
-                e = np.exp(np.array(scores) - max(scores))
-                A[b, h, i] = e / e.sum()
-                heads[b, i, h * d:(h + 1) * d] = sum(A[b, h, i, j] * v[j] for j in range(T))
+            heads[b, :, h * d:(h + 1) * d], A[b, h] = loop_attention(q, k, v)   # token by token
     z = z + heads @ p["attn.out.weight"] + p["attn.out.bias"]                       # Eq. 2
     hidden = gelu(layer_norm(z, p["norm2.scale"], p["norm2.bias"]) @ p["mlp.fc1.weight"]
                   + p["mlp.fc1.bias"])
@@ -169,7 +152,7 @@ def test_attention_maps_keep_evaluation_mode_and_accept_tensors(device):
     assert maps[0].dtype == np.float32
 
 
-# --- rollout --------------------------------------------------------------------------------
+# --- rollout ----------------------------------------------------------------------------
 
 def test_rollout_multiplies_the_blocks_from_first_to_last(device):
     maps = random_maps((2, 3, 5, 5), depth=3, seed=0)
@@ -188,7 +171,7 @@ def test_rollout_of_one_block_is_half_attention_half_identity():
                                (a[0].mean(axis=0) + np.eye(4)) / 2, rtol=1e-12)
 
 
-# --- mean attention distance ---------------------------------------------------------------
+# --- mean attention distance ------------------------------------------------------------
 
 @pytest.mark.parametrize("has_cls", [True, False])
 def test_mean_attention_distance_against_loops(device, has_cls):
@@ -213,12 +196,7 @@ def test_mean_attention_distance_closed_forms(device):
     np.testing.assert_allclose(got[:, 0], [0.0, P * (g - 1) / g])
 
 
-def test_mean_attention_distance_of_a_non_square_grid_is_an_error():
-    with pytest.raises(ValueError, match="square grid"):
-        inspection.mean_attention_distance(random_maps((1, 1, 6, 6), 1, 0), 4, has_cls=True)
-
-
-# --- position embeddings --------------------------------------------------------------------
+# --- position embeddings ----------------------------------------------------------------
 
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_position_embedding_similarity_against_loops(device, classifier):
@@ -248,7 +226,7 @@ def test_position_embedding_similarity_of_fixed_and_missing_embeddings(device):
         inspection.position_embedding_similarity(tiny_vit(device, pos_embed="none"))
 
 
-# --- embedding filters ------------------------------------------------------------------------
+# --- embedding filters ------------------------------------------------------------------
 
 def test_embedding_filters_are_the_principal_components(device):
     model = tiny_vit(device, hidden_size=16, patch_size=2)
@@ -266,6 +244,13 @@ def test_embedding_filters_are_the_principal_components(device):
 
     picture = mv.tensor(got[0].transpose(2, 0, 1)[None], device=device)   # (1, C, P, P)
     np.testing.assert_array_equal(host(mv.patchify(picture, 2))[0, 0], got[0].reshape(-1))
+
+
+# --- errors, dtypes and devices ---------------------------------------------------------
+
+def test_mean_attention_distance_of_a_non_square_grid_is_an_error():
+    with pytest.raises(ValueError, match="square grid"):
+        inspection.mean_attention_distance(random_maps((1, 1, 6, 6), 1, 0), 4, has_cls=True)
 
 
 def test_embedding_filters_refuse_bad_k_and_hybrids(device):

@@ -1,15 +1,31 @@
-"""Cross-entropy of the classification head, and its gradient softmax(z) - t.
+"""Cross-entropy of the classification head, and accuracy.
 
-For logits z (B, K) and targets t (B, K) whose rows sum to 1 (one-hot labels, smoothed
-labels or soft targets):
-    L = -(1/B) sum_b sum_k t_bk log p_bk,        p_b = softmax(z_b).
-Since log p_bk = z_bk - log sum_j exp(z_bj), d log p_bk / d z_bj = delta_kj - p_bj, so
-    dL/dz_bj = -(1/B) sum_k t_bk (delta_kj - p_bj) = (p_bj sum_k t_bk - t_bj) / B
-             = (p_bj - t_bj) / B:
-the gradient is the predicted distribution minus the target, averaged over the batch.
+The derivation has one home: the docstring of CrossEntropy in minivit/ops/loss.py.  For
+logits z (B, K) and targets t whose rows sum to 1, L = -(1/B) sum_b sum_k t_bk log p_bk
+with p_b = softmax(z_b); these tests check, in order:
 
-Label smoothing with s replaces the one-hot target by t = (1 - s) onehot + s/K, which
-still sums to 1, so the same gradient holds; s = 0 is plain cross-entropy.
+1. The loss is that sum, written with loops, and -mean log p of the true class for
+   integer labels (test_cross_entropy_matches_the_definition).
+2. Label smoothing s uses t = (1 - s) onehot + s/K, which is (1 - s) CE + s mean_k(-log p),
+   and s = 0 is plain cross-entropy (test_label_smoothing_value_and_s_0).
+3. One-hot targets give the integer labels' loss, and soft targets their own
+   (test_soft_targets_and_one_hot_targets).
+4. The gradient is dL/dz = (softmax(z) - t) / B, with and without smoothing
+   (test_gradient_is_softmax_minus_target_over_batch): dL/d log p = -t / B, and
+   log-softmax's backward makes it -t / B + p sum_k t_k / B = (p - t) / B
+   (test_gradient_goes_through_log_softmax_as_the_derivation_does); the same as autograd finds
+   through -(t * log_softmax(z)).sum() / B (test_backward_matches_autograd_of_the_composition).
+5. Float64 gradient checks pass for labels, soft targets and a strided input
+   (test_cross_entropy_gradcheck), and catch a gradient without the "- t"
+   (test_gradcheck_catches_a_gradient_without_the_target).
+6. The stable log-softmax keeps logits of 1000 and 5000 finite
+   (test_cross_entropy_is_stable_for_huge_logits).
+7. accuracy is the fraction of rows whose largest logit is at the label
+   (test_accuracy); correct counts them on the logits' device
+   (test_correct_counts_on_the_device).
+
+Then the forms labels may take, float32, the errors, and labels on the GPU checked
+there without a read back to the host.
 """
 import math
 
@@ -19,6 +35,9 @@ import pytest
 import minivit as mv
 from minivit import backend
 from minivit.ops.loss import CrossEntropy, accuracy, cross_entropy
+
+from conftest import numpy_grad
+from reference import softmax
 
 
 def _t(a, device, requires_grad=True):
@@ -38,10 +57,7 @@ def _ce_loops(z, labels, s=0.0):
     return total / b
 
 
-def _softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
+# --- the loss ---------------------------------------------------------------------------
 
 def test_cross_entropy_matches_the_definition(device, rng):
     z, labels = rng.standard_normal((5, 7)), np.array([0, 6, 3, 3, 1])
@@ -49,7 +65,7 @@ def test_cross_entropy_matches_the_definition(device, rng):
     assert loss.shape == ()
     np.testing.assert_allclose(loss.item(), _ce_loops(z, labels), rtol=1e-14)
     # the same thing written as -mean of the log-probability of the true class
-    log_p = np.log(_softmax(z))
+    log_p = np.log(softmax(z))
     np.testing.assert_allclose(loss.item(), -log_p[np.arange(5), labels].mean(), rtol=1e-14)
 
 
@@ -59,7 +75,7 @@ def test_label_smoothing_value_and_s_0(device, rng):
     smoothed = cross_entropy(_t(z, device), labels, label_smoothing=s).item()
     np.testing.assert_allclose(smoothed, _ce_loops(z, labels, s), rtol=1e-14)
     # the same value from the closed form (1 - s) CE + s * mean over classes of -log p
-    log_p = np.log(_softmax(z))
+    log_p = np.log(softmax(z))
     closed = (1 - s) * -log_p[np.arange(4), labels].mean() - s * log_p.mean(-1).mean()
     np.testing.assert_allclose(smoothed, closed, rtol=1e-14)
     plain = cross_entropy(_t(z, device), labels).item()
@@ -75,8 +91,10 @@ def test_soft_targets_and_one_hot_targets(device, rng):
     soft = rng.random((4, 5))
     soft /= soft.sum(-1, keepdims=True)
     np.testing.assert_allclose(cross_entropy(_t(z, device), soft).item(),
-                               -(soft * np.log(_softmax(z))).sum() / 4, rtol=1e-14)
+                               -(soft * np.log(softmax(z))).sum() / 4, rtol=1e-14)
 
+
+# --- the gradient -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("s", [0.0, 0.2])
 def test_gradient_is_softmax_minus_target_over_batch(device, rng, s):
@@ -84,12 +102,28 @@ def test_gradient_is_softmax_minus_target_over_batch(device, rng, s):
     logits = _t(z, device)
     cross_entropy(logits, labels, label_smoothing=s).backward()
     t = (1 - s) * np.eye(6)[labels] + s / 6
-    np.testing.assert_allclose(backend.to_numpy(logits.grad), (_softmax(z) - t) / 3,
+    np.testing.assert_allclose(numpy_grad(logits), (softmax(z) - t) / 3,
+                               rtol=1e-13, atol=1e-16)
+
+
+def test_gradient_goes_through_log_softmax_as_the_derivation_does(device, rng):
+    """dL/d log p = -t / B, and log-softmax's backward turns it into
+    -t / B + p sum_k t_k / B = (p - t) / B, because each row of t sums to 1."""
+    z, labels, s = rng.standard_normal((3, 6)), np.array([5, 0, 2]), 0.2
+    t = (1 - s) * np.eye(6)[labels] + s / 6
+    through_log_softmax = _t(z, device)
+    mv.log_softmax(through_log_softmax).backward(backend.asarray(-t / 3, device=device))
+    logits = _t(z, device)
+    cross_entropy(logits, labels, label_smoothing=s).backward()
+    p = softmax(z)
+    np.testing.assert_allclose(numpy_grad(through_log_softmax),
+                               (p * t.sum(-1, keepdims=True) - t) / 3, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(numpy_grad(logits), numpy_grad(through_log_softmax),
                                rtol=1e-13, atol=1e-16)
 
 
 def test_backward_matches_autograd_of_the_composition(device, rng):
-    """-(t * log_softmax(z)).sum() / B from engine primitives, differentiated by autograd."""
+    """-(t * logsoftmax(z)).sum() / B from engine primitives, differentiated by autograd."""
     z, labels = rng.standard_normal((4, 6)), np.array([3, 1, 1, 5])
     t = (1 - 0.1) * np.eye(6)[labels] + 0.1 / 6
     a, b = _t(z, device), _t(z, device)
@@ -100,7 +134,7 @@ def test_backward_matches_autograd_of_the_composition(device, rng):
     np.testing.assert_allclose(la.item(), lb.item(), rtol=1e-14)
     la.backward()
     lb.backward()
-    np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad),
+    np.testing.assert_allclose(numpy_grad(a), numpy_grad(b),
                                rtol=1e-11, atol=1e-15)
 
 
@@ -137,10 +171,34 @@ def test_cross_entropy_is_stable_for_huge_logits(device, rng):
     logits = _t(z, device)
     loss = cross_entropy(logits, np.array([2, 0, 3]))
     loss.backward()
-    assert np.isfinite(loss.item()) and np.isfinite(backend.to_numpy(logits.grad)).all()
+    assert np.isfinite(loss.item()) and np.isfinite(numpy_grad(logits)).all()
     np.testing.assert_allclose(loss.item(), _ce_loops(z - z.max(-1, keepdims=True),
                                                       [2, 0, 3]), rtol=1e-12)
 
+
+# --- accuracy ---------------------------------------------------------------------------
+
+def test_accuracy(device, rng):
+    z = rng.standard_normal((8, 3))
+    labels = rng.integers(0, 3, 8)
+    expected = float((z.argmax(-1) == labels).mean())
+    got = accuracy(_t(z, device), labels)
+    assert type(got) is float and got == expected
+    assert accuracy(_t(z, device), np.eye(3)[labels]) == expected        # one-hot labels
+    assert accuracy(z, z.argmax(-1)) == 1.0                              # a raw array works
+    with pytest.raises(ValueError, match="got 2 labels for a batch of 8"):
+        accuracy(_t(z, device), labels[:2])
+
+
+def test_correct_counts_on_the_device(device, rng):
+    z = rng.standard_normal((8, 3))
+    labels = rng.integers(0, 3, 8)
+    got = mv.correct(_t(z, device), mv.backend.to_device(labels, device))
+    assert mv.backend.device_of(got) == device and got.ndim == 0
+    assert int(got) == int((z.argmax(-1) == labels).sum())
+
+
+# --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_labels_may_be_a_tensor_a_list_or_an_array_on_another_device(device, rng):
     z, labels = rng.standard_normal((3, 4)), np.array([3, 0, 1])
@@ -184,18 +242,6 @@ def test_cross_entropy_rejects_bad_input(device):
         cross_entropy(z, _t(np.eye(4)[[0, 1, 2]], device))
 
 
-def test_accuracy(device, rng):
-    z = rng.standard_normal((8, 3))
-    labels = rng.integers(0, 3, 8)
-    expected = float((z.argmax(-1) == labels).mean())
-    got = accuracy(_t(z, device), labels)
-    assert type(got) is float and got == expected
-    assert accuracy(_t(z, device), np.eye(3)[labels]) == expected        # one-hot labels
-    assert accuracy(z, z.argmax(-1)) == 1.0                              # a raw array works
-    with pytest.raises(ValueError, match="got 2 labels for a batch of 8"):
-        accuracy(_t(z, device), labels[:2])
-
-
 def test_labels_on_the_device_are_checked_there(device):
     """Host labels get a clear error; labels already on the device are checked on the
     device (a read would stall a GPU every step): a bad one makes the loss NaN."""
@@ -209,14 +255,6 @@ def test_labels_on_the_device_are_checked_there(device):
     assert np.isnan(cross_entropy(z, mv.backend.to_device(np.full((3, 4), 0.5), device)).item())
     good = mv.backend.to_device(np.array([0, 3, 1]), device)
     assert cross_entropy(z, good).item() == pytest.approx(np.log(4))
-
-
-def test_correct_counts_on_the_device(device, rng):
-    z = rng.standard_normal((8, 3))
-    labels = rng.integers(0, 3, 8)
-    got = mv.correct(_t(z, device), mv.backend.to_device(labels, device))
-    assert mv.backend.device_of(got) == device and got.ndim == 0
-    assert int(got) == int((z.argmax(-1) == labels).sum())
 
 
 def test_a_loss_on_device_labels_reads_nothing_back(standin):

@@ -1,22 +1,26 @@
-"""LayerNorm (the LN of ViT Eq. 2-4), and the derivation of its backward pass.
+"""LayerNorm (the LN of ViT Eq. 2-4).
 
-For one vector x in R^D (one token):
-    mu = mean(x),   sigma = sqrt(mean((x - mu)^2) + eps),   x_hat = (x - mu) / sigma,
-    y = gamma * x_hat + beta,                           eps = 1e-6 (the official ViT code).
+The derivation of the backward pass has one home: the docstring of LayerNorm in
+minivit/ops/norm.py.  For each token x in R^D, x_hat = (x - mean(x)) / sigma with
+sigma = sqrt(var(x) + eps), y = gamma * x_hat + beta; these tests check, in order:
 
-gamma and beta: y_i = gamma_i x_hat_i + beta_i at every position, so their gradients add
-up over all leading axes (batch, tokens):  dgamma = sum(dy * x_hat),  dbeta = sum(dy).
+1. The forward is that formula, row by row (test_layer_norm_forward_against_numpy_per_row):
+   every row comes out with mean 0 and variance 1 (test_layer_norm_normalises_each_row),
+   and eps is 1e-6, as in the official ViT code
+   (test_default_eps_is_1e_minus_6_as_in_the_official_vit).
+2. The backward is the derived formula: with g = dy * gamma,
+   dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma, dgamma = sum(dy * x_hat),
+   dbeta = sum(dy) (test_layer_norm_backward_follows_the_derived_formula).
+3. It equals what autograd finds through the composition of primitives
+   (test_layer_norm_matches_its_composition_forward_and_backward).
+4. Float64 gradient checks pass, on a strided input too (test_layer_norm_gradcheck,
+   test_layer_norm_gradcheck_on_a_transposed_input).
+5. The gradient check, seeded with a random cotangent, catches a backward without the
+   x_hat * mean(g * x_hat) term (test_gradcheck_catches_a_layer_norm_without_the_variance_term);
+   a cotangent of ones with gamma = 1 cannot: then the true dx and the wrong one are both 0
+   (test_a_ones_cotangent_with_unit_gamma_cannot_see_the_missing_term).
 
-x: let g = dy * gamma, the gradient with respect to x_hat.  From
-    d mu / d x_j = 1/D,    d sigma / d x_j = (x_j - mu) / (D sigma) = x_hat_j / D,
-    d x_hat_i / d x_j = (delta_ij - 1/D) / sigma - (x_i - mu) / sigma^2 * x_hat_j / D
-                      = (delta_ij - 1/D - x_hat_i x_hat_j / D) / sigma,
-and dx_j = sum_i g_i d x_hat_i / d x_j:
-    dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma.
-Each term matters, but a check seeded with dy = 1 (and gamma = 1, its initial value)
-cannot see them: then g = 1, so g - mean(g) = 0 and x_hat * mean(g * x_hat) =
-x_hat * mean(x_hat) = 0; the true dx, and a backward missing either term, are all 0.
-The gradient check uses a random cotangent instead, and catches the missing term.
+Then float32 staying float32 and the errors for parameters of the wrong shape.
 """
 import inspect
 
@@ -26,6 +30,8 @@ import pytest
 import minivit as mv
 from minivit import backend
 from minivit.ops.norm import LayerNorm, layer_norm
+
+from conftest import numpy_grad
 
 
 def _t(a, device, requires_grad=True):
@@ -44,22 +50,7 @@ def _layer_norm_composed(x, gamma, beta, eps):
     return centred / mv.sqrt(var + eps) * gamma + beta
 
 
-@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
-def test_layer_norm_matches_its_composition_forward_and_backward(device, rng, shape):
-    x = rng.standard_normal(shape) * 3 + 1
-    g = backend.asarray(rng.standard_normal(shape), device=device)
-    gamma, beta = _params(rng, shape[-1], device)
-    a, b = _t(x, device), _t(x, device)
-    ga, ba = _t(gamma.numpy(), device), _t(beta.numpy(), device)
-    ya = layer_norm(a, gamma, beta)
-    yb = _layer_norm_composed(b, ga, ba, 1e-6)
-    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-13, atol=1e-14)
-    ya.backward(g)
-    yb.backward(g)
-    for fused, composed in ((a, b), (gamma, ga), (beta, ba)):
-        np.testing.assert_allclose(backend.to_numpy(fused.grad), backend.to_numpy(composed.grad),
-                                   rtol=1e-10, atol=1e-13)
-
+# --- the forward pass -------------------------------------------------------------------
 
 def test_layer_norm_forward_against_numpy_per_row(device, rng):
     x = rng.standard_normal((3, 4, 7))
@@ -81,6 +72,17 @@ def test_layer_norm_normalises_each_row(device, rng):
     np.testing.assert_allclose(y.var(-1), 1, rtol=1e-7)      # var/(var + eps), eps tiny
 
 
+def test_default_eps_is_1e_minus_6_as_in_the_official_vit(device):
+    assert inspect.signature(layer_norm).parameters["eps"].default == 1e-6
+    # a row with variance 1e-6: eps decides the scale, 1/sqrt(1e-6 + eps)
+    x = np.array([[-1e-3, 1e-3]])
+    y = layer_norm(_t(x, device), _t(np.ones(2), device), _t(np.zeros(2), device)).numpy()
+    np.testing.assert_allclose(y, x / np.sqrt(1e-6 + 1e-6), rtol=1e-12)
+    assert not np.allclose(y, x / np.sqrt(1e-6 + 1e-5), rtol=1e-3)
+
+
+# --- the backward pass ------------------------------------------------------------------
+
 def test_layer_norm_backward_follows_the_derived_formula(device, rng):
     x, dy = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 3, 5))
     gamma, beta = _params(rng, 5, device)
@@ -90,10 +92,27 @@ def test_layer_norm_backward_follows_the_derived_formula(device, rng):
     x_hat = (x - x.mean(-1, keepdims=True)) / sigma
     g = dy * gamma.numpy()
     dx = (g - g.mean(-1, keepdims=True) - x_hat * (g * x_hat).mean(-1, keepdims=True)) / sigma
-    np.testing.assert_allclose(backend.to_numpy(t.grad), dx, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(backend.to_numpy(gamma.grad), (dy * x_hat).sum((0, 1)),
+    np.testing.assert_allclose(numpy_grad(t), dx, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(gamma), (dy * x_hat).sum((0, 1)),
                                rtol=1e-12)
-    np.testing.assert_allclose(backend.to_numpy(beta.grad), dy.sum((0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(beta), dy.sum((0, 1)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
+def test_layer_norm_matches_its_composition_forward_and_backward(device, rng, shape):
+    x = rng.standard_normal(shape) * 3 + 1
+    g = backend.asarray(rng.standard_normal(shape), device=device)
+    gamma, beta = _params(rng, shape[-1], device)
+    a, b = _t(x, device), _t(x, device)
+    ga, ba = _t(gamma.numpy(), device), _t(beta.numpy(), device)
+    ya = layer_norm(a, gamma, beta)
+    yb = _layer_norm_composed(b, ga, ba, 1e-6)
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-13, atol=1e-14)
+    ya.backward(g)
+    yb.backward(g)
+    for fused, composed in ((a, b), (gamma, ga), (beta, ba)):
+        np.testing.assert_allclose(numpy_grad(fused), numpy_grad(composed),
+                                   rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 5)])
@@ -135,17 +154,10 @@ def test_a_ones_cotangent_with_unit_gamma_cannot_see_the_missing_term(device, rn
     for fn in (LayerNorm(), LayerNormWithoutVarianceTerm()):
         t = _t(x, device)
         fn(t, _t(np.ones(5), device), _t(np.zeros(5), device)).backward(ones)
-        np.testing.assert_allclose(backend.to_numpy(t.grad), 0, atol=1e-12)
+        np.testing.assert_allclose(numpy_grad(t), 0, atol=1e-12)
 
 
-def test_default_eps_is_1e_minus_6_as_in_the_official_vit(device):
-    assert inspect.signature(layer_norm).parameters["eps"].default == 1e-6
-    # a row with variance 1e-6: eps decides the scale, 1/sqrt(1e-6 + eps)
-    x = np.array([[-1e-3, 1e-3]])
-    y = layer_norm(_t(x, device), _t(np.ones(2), device), _t(np.zeros(2), device)).numpy()
-    np.testing.assert_allclose(y, x / np.sqrt(1e-6 + 1e-6), rtol=1e-12)
-    assert not np.allclose(y, x / np.sqrt(1e-6 + 1e-5), rtol=1e-3)
-
+# --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_layer_norm_keeps_float32(device, rng):
     f32 = np.float32

@@ -1,21 +1,32 @@
 """Optimisers, the learning-rate schedule and gradient clipping, against their formulas.
 
-SGD with momentum (heavy ball), decoupled weight decay lambda:
-    b_t = mu b_{t-1} + g_t,     w_t = w_{t-1} - lr (b_t + lambda w_{t-1})
-AdamW (Loshchilov & Hutter), t = 1, 2, ...:
-    m_t = b1 m + (1 - b1) g,   v_t = b2 v + (1 - b2) g^2,
-    w_t = w - lr (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps) - lr lambda w.
-The decay is "decoupled": it shrinks w directly instead of being added to g, so Adam's
-per-coordinate scaling does not weaken it for coordinates with large gradients.
-Global-norm clipping rescales every gradient by the same factor max_norm / ||g||,
-keeping the direction of the whole update.
+Each update rule has one home, the docstring of its optimiser in minivit/optim.py (SGD,
+AdamW, clip_grad_norm, warmup_cosine).  These tests check, in order:
 
-Fused updates.  Every line above is elementwise, so it holds for the concatenation of
-all parameters as well as for each one: the optimisers keep the parameters, their
-gradients and their state in flat buffers (decayed parameters first, so the decay is
-one slice w[:n]) and update the whole model with a dozen array operations.  Each
-element goes through the same operations in the same order as in the per-tensor loop
-the tests below write out, so the results are identical, not merely close.
+1. SGD with heavy-ball momentum and decoupled weight decay lambda:
+   b_t = mu b_{t-1} + g_t, w_t = w_{t-1} - lr (b_t + lambda w_{t-1})
+   (test_sgd_momentum_and_weight_decay).
+2. AdamW, t = 1, 2, ...: m_t = b1 m + (1 - b1) g, v_t = b2 v + (1 - b2) g^2,
+   m_hat = m_t / (1 - b1^t), v_hat = v_t / (1 - b2^t),
+   w_t = w - lr m_hat / (sqrt(v_hat) + eps) - lr lambda w, biases not decayed
+   (test_adamw_matches_its_formula).
+3. The decay is decoupled: it shrinks w whatever g is
+   (test_adamw_decay_is_decoupled_from_the_gradient); the parameters listed in
+   no_decay (ViT's [CLS] token and position embeddings) are left alone
+   (test_adamw_leaves_no_decay_parameters_alone), and so are parameters without a
+   gradient (test_parameters_without_grad_are_skipped).
+4. Global-norm clipping rescales every gradient by max_norm / ||g|| when ||g|| is larger
+   (test_clip_grad_norm), and reports a non-finite norm without clipping
+   (test_clip_grad_norm_reports_non_finite_norms).
+5. The schedule warms up linearly, then follows a cosine down to final_lr
+   (test_warmup_then_cosine).
+6. An optimiser's state round-trips through state_dict and resumes exactly
+   (test_optimizer_state_round_trip_resumes_exactly).
+7. Parameters and their gradients are views of one flat buffer
+   (test_parameters_and_gradients_are_views_of_one_buffer).
+
+Then the errors, and the fast path: the whole-buffer updates equal the per-tensor loop
+exactly, and cost a fixed number of GPU launches and no read.
 """
 import math
 
@@ -25,6 +36,8 @@ import pytest
 import minivit as mv
 from minivit.nn import Parameter
 from minivit.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
+
+from conftest import numpy_grad
 
 
 def params_and_grads(device, seed=0):
@@ -42,6 +55,16 @@ def run(optimizer, params, grads, device):
         optimizer.step()
     return [p.numpy() for p in params]
 
+
+def many_params(device, seed=1):
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (4,), (1, 5, 2), (2, 2), (6,)]
+    w0 = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
+    return [Parameter(mv.backend.to_device(w.copy(), device)) for w in w0], w0, grads
+
+
+# --- the update rules -------------------------------------------------------------------
 
 def test_sgd_momentum_and_weight_decay(device):
     params, w0, grads = params_and_grads(device)
@@ -76,6 +99,63 @@ def test_adamw_decay_is_decoupled_from_the_gradient(device):
     np.testing.assert_allclose(p.numpy(), 2.0 * (1 - 0.1 * 0.5))   # only the decay acted
 
 
+def test_adamw_leaves_no_decay_parameters_alone(device):
+    from minivit.nn import VisionTransformer
+    model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=1,
+                              num_heads=2, mlp_dim=16).to(device)
+    assert model.no_weight_decay() == [model.cls_token, model.pos_embed]
+    for p in model.parameters():
+        p.grad = mv.backend.to_device(np.zeros(p.shape, np.float32), device)
+    before = {name: p.numpy().copy() for name, p in model.named_parameters()}
+    AdamW(model.parameters(), lr=0.1, weight_decay=0.5, no_decay=model.no_weight_decay()).step()
+    after = dict(model.named_parameters())
+    np.testing.assert_array_equal(after["pos_embed"].numpy(), before["pos_embed"])
+    np.testing.assert_allclose(after["blocks.0.mlp.fc1.weight"].numpy(),
+                               before["blocks.0.mlp.fc1.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
+
+
+def test_parameters_without_grad_are_skipped(device):
+    params, w0, _ = params_and_grads(device)
+    params[0].grad = mv.backend.to_device(np.ones((3, 4)), device)
+    SGD(params, lr=1.0, momentum=0.0).step()
+    np.testing.assert_allclose(params[0].numpy(), w0[0] - 1)
+    np.testing.assert_array_equal(params[1].numpy(), w0[1])
+
+
+# --- clipping and the schedule ----------------------------------------------------------
+
+def test_clip_grad_norm(device):
+    params, _, grads = params_and_grads(device)
+    for p, g in zip(params, grads[0]):
+        p.grad = mv.backend.to_device(g.copy(), device)
+    norm = math.sqrt(sum((g ** 2).sum() for g in grads[0]))
+    assert float(clip_grad_norm(params, max_norm=1e9)) == pytest.approx(norm, rel=1e-12)
+    np.testing.assert_array_equal(numpy_grad(params[0]), grads[0][0])  # untouched
+    assert float(clip_grad_norm(params, max_norm=1.0)) == pytest.approx(norm, rel=1e-12)
+    clipped = math.sqrt(sum(float((numpy_grad(p) ** 2).sum()) for p in params))
+    assert clipped == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(numpy_grad(params[0]), grads[0][0] / norm, rtol=1e-5)
+
+
+def test_clip_grad_norm_reports_non_finite_norms(device):
+    p = Parameter(mv.backend.to_device(np.zeros(2), device))
+    p.grad = mv.backend.to_device(np.array([1.0, np.inf]), device)
+    assert math.isinf(float(clip_grad_norm([p], 1.0)))
+    np.testing.assert_array_equal(numpy_grad(p), [1.0, np.inf])   # not clipped
+
+
+def test_warmup_then_cosine():
+    lr = [warmup_cosine(s, total_steps=110, warmup_steps=10, base_lr=1.0) for s in range(110)]
+    np.testing.assert_allclose(lr[:10], np.arange(1, 11) / 10)         # linear warm-up
+    assert lr[10] == 1.0                                                # peak
+    assert lr[60] == pytest.approx(0.5)                                 # halfway down
+    assert lr[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                # never rises again
+    assert warmup_cosine(500, 110, 10, 1.0, final_lr=0.1) == pytest.approx(0.1)
+
+
+# --- state and buffers ------------------------------------------------------------------
+
 def test_optimizer_state_round_trip_resumes_exactly(device):
     params_a, _, grads = params_and_grads(device)
     params_b, _, _ = params_and_grads(device)
@@ -93,43 +173,27 @@ def test_optimizer_state_round_trip_resumes_exactly(device):
         AdamW(params_b[:1], lr=0.1).load_state_dict(state)
 
 
-def test_parameters_without_grad_are_skipped(device):
-    params, w0, _ = params_and_grads(device)
-    params[0].grad = mv.backend.to_device(np.ones((3, 4)), device)
-    SGD(params, lr=1.0, momentum=0.0).step()
-    np.testing.assert_allclose(params[0].numpy(), w0[0] - 1)
-    np.testing.assert_array_equal(params[1].numpy(), w0[1])
+def test_parameters_and_gradients_are_views_of_one_buffer(device):
+    params, w0, _ = many_params(device)
+    opt = SGD(params, lr=0.1, momentum=0.0)
+    (buffer,) = opt.buffers
+    assert buffer.data.shape == (sum(w.size for w in w0),)
+    buffer.data[...] = 7.0                                   # writes reach every parameter
+    assert all((p.numpy() == 7.0).all() for p in params)
+    y = (params[0] * params[0]).sum() + params[1].sum()
+    y.backward()                                             # gradients land in the buffer
+    grad = numpy_grad(buffer)
+    o = buffer.offsets[buffer.params.index(params[0])]
+    np.testing.assert_array_equal(grad[o:o + 12], np.full(12, 14.0))
+    params[0].grad = mv.backend.to_device(np.ones((3, 4)), device)    # assigning copies in
+    assert params[0].grad is not None and numpy_grad(buffer)[o] == 1.0
+    opt.zero_grad()
+    assert all(p.grad is None for p in params) and not numpy_grad(buffer).any()
+    with pytest.raises(ValueError, match=r"expected an array of shape \(4,\)"):
+        params[1].grad = mv.backend.to_device(np.ones(3), device)
 
 
-def test_clip_grad_norm(device):
-    params, _, grads = params_and_grads(device)
-    for p, g in zip(params, grads[0]):
-        p.grad = mv.backend.to_device(g.copy(), device)
-    norm = math.sqrt(sum((g ** 2).sum() for g in grads[0]))
-    assert float(clip_grad_norm(params, max_norm=1e9)) == pytest.approx(norm, rel=1e-12)
-    np.testing.assert_array_equal(mv.backend.to_numpy(params[0].grad), grads[0][0])  # untouched
-    assert float(clip_grad_norm(params, max_norm=1.0)) == pytest.approx(norm, rel=1e-12)
-    clipped = math.sqrt(sum(float((mv.backend.to_numpy(p.grad) ** 2).sum()) for p in params))
-    assert clipped == pytest.approx(1.0, rel=1e-5)
-    np.testing.assert_allclose(mv.backend.to_numpy(params[0].grad), grads[0][0] / norm, rtol=1e-5)
-
-
-def test_clip_grad_norm_reports_non_finite_norms(device):
-    p = Parameter(mv.backend.to_device(np.zeros(2), device))
-    p.grad = mv.backend.to_device(np.array([1.0, np.inf]), device)
-    assert math.isinf(float(clip_grad_norm([p], 1.0)))
-    np.testing.assert_array_equal(mv.backend.to_numpy(p.grad), [1.0, np.inf])   # not clipped
-
-
-def test_warmup_then_cosine():
-    lr = [warmup_cosine(s, total_steps=110, warmup_steps=10, base_lr=1.0) for s in range(110)]
-    np.testing.assert_allclose(lr[:10], np.arange(1, 11) / 10)         # linear warm-up
-    assert lr[10] == 1.0                                                # peak
-    assert lr[60] == pytest.approx(0.5)                                 # halfway down
-    assert lr[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
-    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))                # never rises again
-    assert warmup_cosine(500, 110, 10, 1.0, final_lr=0.1) == pytest.approx(0.1)
-
+# --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_bad_arguments():
     p = Parameter(np.zeros(2))
@@ -141,25 +205,25 @@ def test_bad_arguments():
         SGD([p], lr=0.1, momentum=1.5)
 
 
-def test_adamw_leaves_no_decay_parameters_alone(device):
+def test_an_optimiser_refuses_parameters_moved_after_it_was_made(device):
     from minivit.nn import VisionTransformer
     model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=1,
                               num_heads=2, mlp_dim=16).to(device)
-    assert model.no_weight_decay() == [model.cls_token, model.pos_embed]
-    for p in model.parameters():
-        p.grad = mv.backend.to_device(np.zeros(p.shape, np.float32), device)
-    before = {name: p.numpy().copy() for name, p in model.named_parameters()}
-    AdamW(model.parameters(), lr=0.1, weight_decay=0.5, no_decay=model.no_weight_decay()).step()
-    after = dict(model.named_parameters())
-    np.testing.assert_array_equal(after["pos_embed"].numpy(), before["pos_embed"])
-    np.testing.assert_allclose(after["blocks.0.mlp.fc1.weight"].numpy(),
-                               before["blocks.0.mlp.fc1.weight"] * (1 - 0.1 * 0.5), rtol=1e-6)
+    opt = AdamW(model.parameters(), lr=0.1)
+    state = model.state_dict()
+    model.load_state_dict(state)                             # same shapes: copied in place
+    opt.step()
+    model.astype("float64")
+    with pytest.raises(RuntimeError, match="create the optimiser after model.to"):
+        opt.step()
+    AdamW(model.parameters(), lr=0.1).step()                 # a new optimiser is fine
 
 
-# --- flat buffers and fused updates ---------------------------------------------------
+# --- the fast path: whole-buffer updates ------------------------------------------------
 
 def per_tensor_adamw(params, grads, lr, betas, eps, wd, decays):
-    """The per-parameter AdamW loop the fused update replaces (one tensor at a time)."""
+    """AdamW one tensor at a time with the bias corrections folded into two scalars, as the
+    whole-buffer update computes it: step_size m / (sqrt(v) + eps_hat)."""
     b1, b2 = betas
     w = [p.copy() for p in params]
     m = [np.zeros_like(p) for p in params]
@@ -195,14 +259,6 @@ def per_tensor_sgd(params, grads, lr, momentum, wd, nesterov, decays):
     return w
 
 
-def many_params(device, seed=1):
-    rng = np.random.default_rng(seed)
-    shapes = [(3, 4), (4,), (1, 5, 2), (2, 2), (6,)]
-    w0 = [rng.standard_normal(s) for s in shapes]
-    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
-    return [Parameter(mv.backend.to_device(w.copy(), device)) for w in w0], w0, grads
-
-
 def test_fused_adamw_equals_the_per_tensor_loop_exactly(device, fast_paths):
     params, w0, grads = many_params(device)
     no_decay = [params[2]]                 # like ViT's position embeddings: 3 axes, not decayed
@@ -224,40 +280,6 @@ def test_fused_sgd_equals_the_per_tensor_loop_exactly(device, nesterov, fast_pat
     want = per_tensor_sgd(w0, grads, 0.1, 0.9, 0.01, nesterov, [i != 1 for i in range(5)])
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
-
-
-def test_parameters_and_gradients_are_views_of_one_buffer(device):
-    params, w0, _ = many_params(device)
-    opt = SGD(params, lr=0.1, momentum=0.0)
-    (buffer,) = opt.buffers
-    assert buffer.data.shape == (sum(w.size for w in w0),)
-    buffer.data[...] = 7.0                                   # writes reach every parameter
-    assert all((p.numpy() == 7.0).all() for p in params)
-    y = (params[0] * params[0]).sum() + params[1].sum()
-    y.backward()                                             # gradients land in the buffer
-    grad = mv.backend.to_numpy(buffer.grad)
-    o = buffer.offsets[buffer.params.index(params[0])]
-    np.testing.assert_array_equal(grad[o:o + 12], np.full(12, 14.0))
-    params[0].grad = mv.backend.to_device(np.ones((3, 4)), device)    # assigning copies in
-    assert params[0].grad is not None and mv.backend.to_numpy(buffer.grad)[o] == 1.0
-    opt.zero_grad()
-    assert all(p.grad is None for p in params) and not mv.backend.to_numpy(buffer.grad).any()
-    with pytest.raises(ValueError, match=r"expected an array of shape \(4,\)"):
-        params[1].grad = mv.backend.to_device(np.ones(3), device)
-
-
-def test_an_optimiser_refuses_parameters_moved_after_it_was_made(device):
-    from minivit.nn import VisionTransformer
-    model = VisionTransformer(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=1,
-                              num_heads=2, mlp_dim=16).to(device)
-    opt = AdamW(model.parameters(), lr=0.1)
-    state = model.state_dict()
-    model.load_state_dict(state)                             # same shapes: copied in place
-    opt.step()
-    model.astype("float64")
-    with pytest.raises(RuntimeError, match="create the optimiser after model.to"):
-        opt.step()
-    AdamW(model.parameters(), lr=0.1).step()                 # a new optimiser is fine
 
 
 def test_a_step_and_clipping_cost_a_fixed_number_of_launches_and_no_read(standin):

@@ -1,45 +1,46 @@
 """im2col, col2im, conv2d and the patch embedding of Eq. 1.
 
-im2col.  Pad x (B, C, H, W) with PH zero rows and PW zero columns on each side; then
+The derivations have one home each in minivit/ops/patch.py: Im2Col (cols = A x for a
+0/1 selection matrix A, so the backward is A^T g), Col2Im (A^T, whose backward is A),
+conv2d (a row of im2col times the kernel reshaped to (KH*KW*C, D)) and patch_embed
+(x_p E + b).  The loop definitions of im2col, col2im and the patch embedding are below,
+the loop convolution is in tests/reference.py.  These tests check, in order:
 
-    cols[b, (r, s), (i, j, c)] = x_pad[b, c, SH*r + i, SW*s + j]
+1. im2col is cols[b, (r, s), (i, j, c)] = x_pad[b, c, SH r + i, SW s + j], channel
+   fastest (test_im2col_matches_loops); col2im adds every entry back onto its pixel and
+   drops the padding (test_col2im_matches_loops), so col2im(im2col(1)) counts the
+   windows covering each pixel (test_col2im_of_im2col_counts_windows).
+2. col2im is the adjoint of im2col, <im2col(x), c> = <x, col2im(c)>
+   (test_adjoint_identity), hence each is the other's backward
+   (test_im2col_backward_is_col2im); both pass float64 gradient checks
+   (test_gradcheck_im2col, test_gradcheck_col2im).
+3. conv2d is y[b, d, r, s] = sum_{i,j,c} x_pad[b, c, SH r + i, SW s + j] w[i, j, c, d]
+   + bias[d] (test_conv2d_matches_loops); its backward is dW = cols^T g, dbias = sum g,
+   dx = col2im(g W^T) (test_conv2d_backward_follows_the_chain_rule); gradient checks
+   pass (test_gradcheck_conv2d).
+4. patchify is im2col with kernel = stride = P (test_patchify_equals_im2col_with_kernel_stride_p),
+   and unpatchify inverts it (test_unpatchify_inverts_patchify).
+5. The patch embedding x_p E + b (Eq. 1) is the strided convolution, and the loops
+   (test_patch_embed_equals_strided_conv_and_loops); the official (P, P, C, D) kernel
+   reshaped as is gives E, and another flattening order would not
+   (test_official_kernel_layout).
+6. Its backward: dE = sum x_p^T dz, db = sum dz, dx = col2im(dz E^T)
+   (test_patch_embed_backward_follows_the_chain_rule); gradient checks pass
+   (test_gradcheck_patch_embed).
+7. 224 x 224 x 3 images with P = 16 give N = 196 patches of 768 values, every pixel
+   once (test_vit_base_patch_numbers).
 
-for every output position (r, s) of the OH x OW grid, OH = (H + 2PH - KH) // SH + 1, and
-every kernel offset (i, j) and channel c (channel fastest).  Each entry of cols is a copy
-of one entry of x (or a padding zero), so im2col is linear, cols = A x, with A a 0/1
-matrix that has one 1 per row (none for rows that read padding).
-
-Why col2im is its backward.  For a loss L with g = dL/dcols, the chain rule gives
-dL/dx = A^T g.  Column (b, c, h, w) of A has a 1 in each row that copied pixel
-(b, c, h, w), i.e. at each (r, s, i, j) with SH*r + i - PH = h and SW*s + j - PW = w:
-
-    dx[b, c, h, w] = sum_{(r, s, i, j): SH*r + i - PH = h, SW*s + j - PW = w} g[b, (r, s), (i, j, c)].
-
-That is col2im: every column entry is added back onto the pixel it came from, pixels
-shared by overlapping windows collect one term per window, and entries that came from
-the padding are dropped (the padding is a constant, not part of x).  Being A^T,
-col2im's own backward is (A^T)^T = A, im2col.
-
-A^T is the adjoint of A: for every x and c,
-
-    <im2col(x), c> = <A x, c> = <x, A^T c> = <x, col2im(c)>,
-
-which the tests check directly, next to gradient checks of both directions.
-
-conv2d and Eq. 1.  y[b, d, r, s] = sum_{i,j,c} x_pad[b, c, SH*r + i, SW*s + j] w[i, j, c, d]
-is row (r, s) of im2col(x) times column d of w reshaped to (KH*KW*C, D), because the
-row order (i, j, c) is the memory order of w's first three axes.  With kernel = stride
-= P and no padding the windows are the patches x_p of the paper, so the patch
-embedding x_p E (Eq. 1) is that convolution with w = E.reshape(P, P, C, D) -- the
-layout of the official ViT kernel.  For 224 x 224 x 3 images and P = 16 this gives
-N = 224^2 / 16^2 = 196 patches of 16 * 16 * 3 = 768 values: 196 * 768 = 150528 =
-224 * 224 * 3, every pixel exactly once.
+Then float32 staying float32 and the errors.
 """
 import numpy as np
 import pytest
 
 import minivit as mv
 from minivit.ops.patch import col2im, conv2d, im2col, patch_embed, patchify, unpatchify
+
+from conftest import numpy_grad
+from reference import loop_conv2d
+
 
 # (x shape, kernel, stride, padding): overlapping windows with padding, the patch case
 # kernel = stride = P, rectangular options, and windows that skip the last row/column.
@@ -93,27 +94,6 @@ def loop_col2im(cols, image_shape, kernel, stride, padding):
     return x_pad[:, :, ph:ph + H, pw:pw + W]
 
 
-def loop_conv2d(x, w, bias, stride, padding):
-    """y[b, d, r, s] = sum_{i,j,c} x_pad[b, c, SH*r + i, SW*s + j] w[i, j, c, d] + bias[d]."""
-    (sh, sw), (ph, pw) = pair(stride), pair(padding)
-    kh, kw, C, D = w.shape
-    B, _, H, W = x.shape
-    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    oh, ow = out_size(H, kh, sh, ph), out_size(W, kw, sw, pw)
-    y = np.zeros((B, D, oh, ow))
-    for b in range(B):
-        for d in range(D):
-            for r in range(oh):
-                for s in range(ow):
-                    total = 0.0 if bias is None else bias[d]
-                    for i in range(kh):
-                        for j in range(kw):
-                            for c in range(C):
-                                total += x_pad[b, c, sh * r + i, sw * s + j] * w[i, j, c, d]
-                    y[b, d, r, s] = total
-    return y
-
-
 def loop_patch_embed(x, kernel, bias, P):
     """z[b, n, d] = sum_{i,j,c} x[b, c, P*gr + i, P*gc + j] kernel[i, j, c, d] + bias[d],
     n = gr * (W/P) + gc: the official (P, P, C, D) kernel applied patch by patch."""
@@ -132,7 +112,7 @@ def loop_patch_embed(x, kernel, bias, P):
     return z
 
 
-# --- im2col and col2im forward ---------------------------------------------------------
+# --- im2col and col2im ------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES)
 def test_im2col_matches_loops(device, rng, shape, kernel, stride, padding):
@@ -175,7 +155,14 @@ def test_adjoint_identity(device, rng, shape, kernel, stride, padding):
     assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
 
 
-# --- gradient checks (float64) ---------------------------------------------------------
+def test_im2col_backward_is_col2im(device, rng):
+    x = mv.tensor(rng.standard_normal((2, 3, 7, 6)), requires_grad=True, device=device)
+    cols = im2col(x, 3, 2, 1)
+    g = rng.standard_normal(cols.shape)
+    cols.backward(mv.tensor(g, device=device))
+    np.testing.assert_allclose(numpy_grad(x),
+                               loop_col2im(g, (2, 3, 7, 6), 3, 2, 1), rtol=1e-12, atol=1e-12)
+
 
 @pytest.mark.parametrize("shape,kernel,stride,padding", GEOMETRIES[:3])
 def test_gradcheck_im2col(device, rng, shape, kernel, stride, padding):
@@ -190,31 +177,7 @@ def test_gradcheck_col2im(device, rng, shape, kernel, stride, padding):
     mv.gradcheck(lambda c: col2im(c, shape, kernel, stride, padding), c)
 
 
-def test_im2col_backward_is_col2im(device, rng):
-    x = mv.tensor(rng.standard_normal((2, 3, 7, 6)), requires_grad=True, device=device)
-    cols = im2col(x, 3, 2, 1)
-    g = rng.standard_normal(cols.shape)
-    cols.backward(mv.tensor(g, device=device))
-    np.testing.assert_allclose(mv.backend.to_numpy(x.grad),
-                               loop_col2im(g, (2, 3, 7, 6), 3, 2, 1), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((2, 1), (1, 2))])
-def test_gradcheck_conv2d(device, rng, stride, padding):
-    x = mv.tensor(rng.standard_normal((2, 2, 5, 5)), requires_grad=True, device=device)
-    w = mv.tensor(rng.standard_normal((3, 3, 2, 3)), requires_grad=True, device=device)
-    b = mv.tensor(rng.standard_normal(3), requires_grad=True, device=device)
-    mv.gradcheck(lambda x, w, b: conv2d(x, w, b, stride, padding), x, w, b)
-
-
-def test_gradcheck_patch_embed(device, rng):
-    x = mv.tensor(rng.standard_normal((2, 3, 4, 6)), requires_grad=True, device=device)
-    E = mv.tensor(rng.standard_normal((2 * 2 * 3, 5)), requires_grad=True, device=device)
-    b = mv.tensor(rng.standard_normal(5), requires_grad=True, device=device)
-    mv.gradcheck(lambda x, E, b: patch_embed(x, E, b, 2), x, E, b)
-
-
-# --- conv2d and the patch embedding ----------------------------------------------------
+# --- conv2d -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((2, 1), (1, 2))])
 def test_conv2d_matches_loops(device, rng, stride, padding):
@@ -226,6 +189,34 @@ def test_conv2d_matches_loops(device, rng, stride, padding):
                                rtol=1e-12, atol=1e-12)
 
 
+def test_conv2d_backward_follows_the_chain_rule(device, rng):
+    """y = im2col(x) W + bias: dW = cols^T g, dbias = sum of g, dx = col2im(g W^T)."""
+    x, w, bias = (rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((3, 3, 2, 4)),
+                  rng.standard_normal(4))
+    xt, wt, bt = (mv.tensor(a, requires_grad=True, device=device) for a in (x, w, bias))
+    y = conv2d(xt, wt, bt, 2, 1)                                        # (2, 4, 3, 3)
+    g = rng.standard_normal(y.shape)
+    y.backward(mv.tensor(g, device=device))
+    cols = loop_im2col(x, 3, 2, 1)                                      # (B, OH*OW, 18)
+    g_rows = g.reshape(2, 4, 9).transpose(0, 2, 1)                      # (B, OH*OW, D)
+    W = w.reshape(18, 4)
+    np.testing.assert_allclose(numpy_grad(wt), np.einsum("bnk,bnd->kd", cols, g_rows)
+                               .reshape(w.shape), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(numpy_grad(bt), g.sum((0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(xt), loop_col2im(g_rows @ W.T, x.shape, 3, 2, 1),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((2, 1), (1, 2))])
+def test_gradcheck_conv2d(device, rng, stride, padding):
+    x = mv.tensor(rng.standard_normal((2, 2, 5, 5)), requires_grad=True, device=device)
+    w = mv.tensor(rng.standard_normal((3, 3, 2, 3)), requires_grad=True, device=device)
+    b = mv.tensor(rng.standard_normal(3), requires_grad=True, device=device)
+    mv.gradcheck(lambda x, w, b: conv2d(x, w, b, stride, padding), x, w, b)
+
+
+# --- patches and the patch embedding ----------------------------------------------------
+
 def test_patchify_equals_im2col_with_kernel_stride_p(device, rng):
     x = rng.standard_normal((2, 3, 8, 12))
     xa = mv.tensor(x, requires_grad=True, device=device)
@@ -235,7 +226,16 @@ def test_patchify_equals_im2col_with_kernel_stride_p(device, rng):
     g = mv.tensor(rng.standard_normal(pa.shape), device=device)
     pa.backward(g)
     pb.backward(g)
-    np.testing.assert_array_equal(mv.backend.to_numpy(xa.grad), mv.backend.to_numpy(xb.grad))
+    np.testing.assert_array_equal(numpy_grad(xa), numpy_grad(xb))
+
+
+def test_unpatchify_inverts_patchify(device, rng):
+    x = rng.standard_normal((2, 3, 8, 12))
+    patches = patchify(mv.tensor(x, device=device), 4)
+    np.testing.assert_array_equal(unpatchify(patches, x.shape, 4).numpy(), x)
+    p = rng.standard_normal((2, 6, 48))
+    np.testing.assert_array_equal(
+        patchify(unpatchify(mv.tensor(p, device=device), (2, 3, 8, 12), 4), 4).numpy(), p)
 
 
 def test_patch_embed_equals_strided_conv_and_loops(device, rng):
@@ -271,6 +271,28 @@ def test_official_kernel_layout(device, rng):
     assert not np.allclose(z_wrong, z)
 
 
+def test_patch_embed_backward_follows_the_chain_rule(device, rng):
+    """z = x_p E + b with x_p = patchify(x): dE = sum over images and patches of x_p^T dz,
+    db = sum of dz, and dx = col2im(dz E^T), each patch's gradient put back on its pixels."""
+    P, C, D = 2, 3, 5
+    x, dz = rng.standard_normal((2, C, 4, 6)), rng.standard_normal((2, 6, D))
+    E, b = rng.standard_normal((P * P * C, D)), rng.standard_normal(D)
+    xt, Et, bt = (mv.tensor(a, requires_grad=True, device=device) for a in (x, E, b))
+    patch_embed(xt, Et, bt, P).backward(mv.tensor(dz, device=device))
+    x_p = loop_im2col(x, P, P, 0)                                       # (B, N, P*P*C)
+    np.testing.assert_allclose(numpy_grad(Et), np.einsum("bnk,bnd->kd", x_p, dz), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(bt), dz.sum((0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(numpy_grad(xt), loop_col2im(dz @ E.T, x.shape, P, P, 0),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_gradcheck_patch_embed(device, rng):
+    x = mv.tensor(rng.standard_normal((2, 3, 4, 6)), requires_grad=True, device=device)
+    E = mv.tensor(rng.standard_normal((2 * 2 * 3, 5)), requires_grad=True, device=device)
+    b = mv.tensor(rng.standard_normal(5), requires_grad=True, device=device)
+    mv.gradcheck(lambda x, E, b: patch_embed(x, E, b, 2), x, E, b)
+
+
 def test_vit_base_patch_numbers(device):
     # 224 x 224 x 3 image, P = 16: 196 patches of 768 values, every pixel exactly once
     x = mv.tensor(np.zeros((1, 3, 224, 224), dtype=np.float32), device=device)
@@ -280,16 +302,7 @@ def test_vit_base_patch_numbers(device):
     assert patches.shape[1] * patches.shape[2] == 150528 == 224 * 224 * 3
 
 
-def test_unpatchify_inverts_patchify(device, rng):
-    x = rng.standard_normal((2, 3, 8, 12))
-    patches = patchify(mv.tensor(x, device=device), 4)
-    np.testing.assert_array_equal(unpatchify(patches, x.shape, 4).numpy(), x)
-    p = rng.standard_normal((2, 6, 48))
-    np.testing.assert_array_equal(
-        patchify(unpatchify(mv.tensor(p, device=device), (2, 3, 8, 12), 4), 4).numpy(), p)
-
-
-# --- float32 stays float32 ---------------------------------------------------------------
+# --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_float32_in_float32_grads(device, rng):
     f32 = np.float32
@@ -307,8 +320,6 @@ def test_float32_in_float32_grads(device, rng):
     for t in (x, w, b, E, c):
         assert t.grad.dtype == np.float32
 
-
-# --- bad input -------------------------------------------------------------------------
 
 def test_patchify_needs_divisible_sizes(device):
     x = mv.tensor(np.zeros((1, 3, 30, 32)), device=device)

@@ -1,36 +1,39 @@
 """The hybrid (paper Sec. 3.1): a ResNet stem whose feature map is cut into the tokens.
 
-The stem (nn/resnet.py, after the official models_resnet.py / models_vit.py), width
-w = int(64 * width_factor):
+The stem is described in minivit/nn/resnet.py (after the official models_resnet.py and
+models_vit.py), width w = int(64 * width_factor):
 
     root:  StdConv 7x7/2 (w) -> GroupNorm -> ReLU -> max pool 3x3/2        ("SAME" padding)
     unit:  y = GN3(conv3(ReLU(GN2(conv2(ReLU(GN1(conv1(x)))))))),  out = ReLU(r(x) + y),
            r(x) = x, or GN_proj(conv_proj(x)) when the unit changes the channels or the size.
 
-Backward of a unit.  With m = 1[r(x) + y > 0] (the ReLU's derivative) and g = dL/dout,
-both branches receive m * g, and x collects the sum of what comes back along the two
-paths (the chain rule sums over paths; the engine adds gradients of a tensor used twice):
+Each of its operations has its own derivation and test (test_conv.py, test_ops_basic.py);
+here they are composed, written with the loop references of tests/reference.py.  These
+tests check, in order:
 
-    dx = dr/dx^T (m g) + dy/dx^T (m g),      dr/dx = I without a projection.
+1. A bottleneck unit is that formula, with and without a projection, at stride 1 and 2
+   (test_bottleneck_unit_matches_the_formulas); gn3's scale starts at 0, so a fresh unit
+   is ReLU(r(x)), the residual path alone (test_a_fresh_unit_passes_its_residual).
+2. The stem is the root followed by the units (test_the_stem_matches_the_formulas).
+3. The backward of a unit is the chain rule summed over its two paths: with
+   m = 1[r(x) + y > 0], dx = dr/dx^T (m g) + dy/dx^T (m g); gradient checks of a unit and
+   of a whole tiny hybrid pass (test_gradcheck_a_bottleneck_unit,
+   test_gradcheck_a_tiny_hybrid).
+4. A hybrid is a ViT whose image is the feature map
+   (test_a_hybrid_is_a_vit_whose_image_is_the_feature_map).
+5. "SAME" halves a side rounding up: at 224 px the root ends at 56 and R50's stages at
+   56 / 28 / 14, 196 tokens of 1x1 patches (test_feature_size_rounds_up_like_same_padding,
+   test_the_feature_map_and_the_token_grid); cifar-hybrid has as many tokens as
+   cifar-tiny (test_cifar_hybrid_has_as_many_tokens_as_cifar_tiny).
+6. The parameter counts, from the stem's shapes (the root 7*7*C*w + 2w; a unit
+   c f + 2f + 9 f^2 + 2f + 4 f^2 + 8f, plus 4 c f + 8f with a projection), are the
+   official hybrids' (test_presets_have_the_official_parameter_counts): R50+B/16
+   98,659,112; R26+S/32 36,431,912; R+Ti/16 6,337,704; R26+B/32 101,383,976; R50+L/32
+   328,994,856; the pure ViTs' are unchanged (test_pure_vit_counts_are_unchanged), and an
+   allocated model holds what the count says
+   (test_the_model_holds_what_count_parameters_says_and_the_sizes_are_real).
 
-Every factor of dy/dx is an operation checked in test_conv.py (conv2d with "SAME"
-padding, weight standardisation, GroupNorm, max pooling) or test_ops_basic.py (ReLU);
-here the unit, the stem and a whole tiny hybrid are gradient-checked as compositions.
-gn3's scale starts at 0, so a fresh unit is out = ReLU(r(x)): the residual path alone.
-
-Sizes.  "SAME" halves a side rounding up, ceil(n / 2): the root conv and the pool halve
-it, and so does the first unit of every stage after the first.  At 224 px: 112 (conv),
-56 (pool), 56 / 28 / 14 for R50's three stages (3, 4, 9), so 14 x 14 = 196 tokens of
-1x1 patches, as ViT-B/16's 224/16 = 14; R26's four stages (2, 2, 2, 2) end at 7 x 7,
-as a /32 ViT; the root alone ends at 56, cut into 8 x 8 patches for R+Ti/16 (7 x 7).
-The feature map has w channels after the root alone, else 4 w 2^(stages - 1).
-
-Parameters (no biases in the stem): the root 7*7*C*w + 2w; a unit of features f and
-input c: c f + 2f (conv1, gn1) + 9 f^2 + 2f (conv2, gn2) + 4 f^2 + 8f (conv3, gn3),
-plus 4 c f + 8f for a projection.  With the ViT on top (the embedding reads
-P*P*channels of the feature map), the official hybrids at 224 px and 1000 classes:
-R50+B/16 98,659,112; R26+S/32 36,431,912; R+Ti/16 6,337,704; R26+B/32 101,383,976;
-R50+L/32 328,994,856.
+Then configs through JSON, the errors, float32 training and moving between devices.
 """
 import json
 from dataclasses import asdict, replace
@@ -45,8 +48,12 @@ from minivit.nn.resnet import BottleneckUnit, ResNetStem, feature_size
 from minivit.official import official_shapes
 from minivit.ops.patch import same_padding
 
+from reference import loop_conv2d, loop_group_norm, loop_weight_standardize
+
+
 OFFICIAL_COUNTS = {"R50+B/16": 98_659_112, "R26+S/32": 36_431_912, "R+Ti/16": 6_337_704,
                    "R26+B/32": 101_383_976, "R50+L/32": 328_994_856}
+
 
 # A tiny hybrid for checks: 16 px, one channel, width 32 (the least GroupNorm's 32 groups
 # allow), the root alone: a 4 x 4 feature map of 32 channels, 2 x 2 patches of it.
@@ -54,31 +61,13 @@ TINY = dict(image_size=16, patch_size=2, in_channels=1, num_classes=3, hidden_si
             depth=1, num_heads=1, mlp_dim=4, resnet_layers=(), width_factor=0.5)
 
 
-# --- NumPy references, written from the formulas above -----------------------------------
-
 def np_std_conv(x, kernel, stride):
-    """conv2d of NCHW x with the weight-standardised kernel, TensorFlow "SAME" padding:
-    the sum over kernel offsets (i, j) of shifted, strided slices times w[i, j]."""
-    k = kernel - kernel.mean(axis=(0, 1, 2))
-    w = k / (np.sqrt((k ** 2).mean(axis=(0, 1, 2))) + 1e-5)
-    kh, kw = w.shape[:2]
-    B, C, H, W = x.shape
-    pads = same_padding(H, kh, stride), same_padding(W, kw, stride)
-    x = np.pad(x, ((0, 0), (0, 0)) + pads)
-    oh, ow = -(-H // stride), -(-W // stride)
-    y = 0
-    for i in range(kh):
-        for j in range(kw):
-            window = x[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
-            y = y + np.einsum("bchw,cd->bdhw", window, w[i, j])
-    return y
+    """conv2d of NCHW x with the weight-standardised kernel, TensorFlow "SAME" padding."""
+    return loop_conv2d(x, loop_weight_standardize(kernel), None, stride, "SAME")
 
 
 def np_group_norm(x, scale, bias, groups=32):
-    B, C = x.shape[:2]
-    g = x.reshape(B, groups, -1)
-    x_hat = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-6))
-    return x_hat.reshape(x.shape) * scale[:, None, None] + bias[:, None, None]
+    return loop_group_norm(x, scale, bias, groups)
 
 
 def np_unit(x, p, stride):
@@ -129,85 +118,7 @@ def directional_check(loss, p, rng, eps=1e-6):
     return abs(analytic - numeric) / max(abs(analytic), abs(numeric), 1e-7)
 
 
-# --- configs, sizes and counts -----------------------------------------------------------
-
-@pytest.mark.parametrize("name", OFFICIAL_COUNTS)
-def test_presets_have_the_official_parameter_counts(name):
-    config = preset(name)
-    assert count_parameters(config) == OFFICIAL_COUNTS[name]
-    # and the official layout of that config holds exactly as many numbers
-    assert sum(int(np.prod(s)) for s in official_shapes(config).values()) == OFFICIAL_COUNTS[name]
-
-
-def test_pure_vit_counts_are_unchanged():
-    assert count_parameters(preset("B/16")) == 86_567_656
-    assert not preset("B/16").hybrid and preset("B/16").embed_channels == 3
-
-
-@pytest.mark.parametrize("name,grid,channels", [("R50+B/16", 14, 1024), ("R26+S/32", 7, 2048),
-                                                ("R+Ti/16", 7, 64), ("R50+L/32", 7, 2048),
-                                                ("cifar-hybrid", 8, 32)])
-def test_the_feature_map_and_the_token_grid(name, grid, channels):
-    c = preset(name)
-    assert (c.grid_size, c.embed_channels, c.num_patches) == (grid, channels, grid * grid)
-
-
-def test_cifar_hybrid_has_as_many_tokens_as_cifar_tiny():
-    hybrid, tiny = preset("cifar-hybrid"), preset("cifar-tiny")
-    assert hybrid.feature_size == 8 and hybrid.num_tokens == tiny.num_tokens == 65
-    assert (hybrid.hidden_size, hybrid.depth, hybrid.num_heads, hybrid.mlp_dim) == \
-        (tiny.hidden_size, tiny.depth, tiny.num_heads, tiny.mlp_dim)
-    assert count_parameters(hybrid) == 145_770
-
-
-@pytest.mark.parametrize("fields", [
-    dict(TINY), dict(TINY, image_size=20, patch_size=1),
-    dict(TINY, resnet_layers=(1, 1), image_size=20, patch_size=1),
-    dict(TINY, resnet_layers=(1, 2, 1), image_size=33, patch_size=1)])
-def test_the_model_holds_what_count_parameters_says_and_the_sizes_are_real(fields, device):
-    config = ViTConfig(**fields)
-    model = VisionTransformer(config).to(device)
-    assert model.num_parameters() == count_parameters(config)
-    x = mv.tensor(np.zeros((1, config.in_channels, config.image_size, config.image_size),
-                           np.float32), device=device)
-    features = model.resnet(x)
-    assert features.shape == (1, config.embed_channels, config.feature_size, config.feature_size)
-    assert model(x).shape == (1, 3)
-
-
-def test_feature_size_rounds_up_like_same_padding():
-    assert [feature_size(n, ()) for n in (224, 32, 33, 20, 7)] == [56, 8, 9, 5, 2]
-    assert [feature_size(224, layers) for layers in ((3,), (3, 4), (3, 4, 9), (3, 4, 6, 3))] == \
-        [56, 28, 14, 7]
-
-
-def test_bad_hybrid_configs_are_refused():
-    with pytest.raises(ValueError, match=r"int\(64 \* width_factor\) = 16 must be a positive "
-                                         r"multiple of the 32 GroupNorm groups"):
-        ViTConfig(**dict(TINY, width_factor=0.25))
-    with pytest.raises(ValueError, match=r"resnet_layers must be None \(a pure ViT\) or a tuple "
-                                         r"of unit counts >= 1"):
-        ViTConfig(**dict(TINY, resnet_layers=(3, 0)))
-    with pytest.raises(ValueError, match=r"the ResNet's 4x4 feature map \(from 16 px images\) "
-                                         r"is not a multiple of patch_size 3"):
-        ViTConfig(**dict(TINY, patch_size=3))
-
-
-def test_a_hybrid_config_survives_json(tmp_path, device):
-    config = ViTConfig(**dict(TINY, resnet_layers=[1, 1], image_size=16, patch_size=1))
-    assert config.resnet_layers == (1, 1)                     # a list becomes a tuple
-    assert ViTConfig(**json.loads(json.dumps(asdict(config)))) == config
-    model = VisionTransformer(config, seed=3)
-    perturb(model, np.random.default_rng(0))
-    model.to(device)
-    path = checkpoint.save_checkpoint(tmp_path / "hybrid.npz", model)
-    loaded = checkpoint.model_from_checkpoint(path).to(device)
-    x = mv.tensor(np.random.default_rng(1).standard_normal((2, 1, 16, 16)).astype(np.float32),
-                  device=device)
-    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
-
-
-# --- the unit and the stem against the formulas ------------------------------------------
+# --- the unit and the stem against the formulas -----------------------------------------
 
 @pytest.mark.parametrize("in_channels,features,stride", [(32, 32, 1), (128, 32, 1), (64, 32, 2)])
 def test_bottleneck_unit_matches_the_formulas(device, in_channels, features, stride):
@@ -247,7 +158,7 @@ def test_the_stem_matches_the_formulas(device, rng):
                                rtol=1e-10, atol=1e-11)
 
 
-# --- gradients ---------------------------------------------------------------------------
+# --- gradients --------------------------------------------------------------------------
 
 def test_gradcheck_a_bottleneck_unit(device):
     """Full gradient checks of the input and of every GroupNorm scale and bias; each
@@ -293,18 +204,7 @@ def test_gradcheck_a_tiny_hybrid(device):
         assert directional_check(loss, root, rng) < 1e-6
 
 
-def test_a_float32_training_step_reaches_every_parameter(device, rng):
-    model = VisionTransformer("cifar-hybrid", seed=0).to(device)
-    perturb(model, rng, 0.05)
-    x = mv.tensor(rng.standard_normal((2, 3, 32, 32)).astype(np.float32), device=device)
-    labels = backend.asarray(np.array([1, 7]), device=device)
-    mv.cross_entropy(model(x), labels).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.dtype == np.float32, name
-        assert bool(backend.module_for(device).isfinite(p.grad).all()), name
-
-
-# --- the same encoder --------------------------------------------------------------------
+# --- the same encoder -------------------------------------------------------------------
 
 def test_a_hybrid_is_a_vit_whose_image_is_the_feature_map(device, rng):
     """Sec. 3.1: only the input of E changes.  A pure ViT given the stem's feature map as
@@ -320,6 +220,97 @@ def test_a_hybrid_is_a_vit_whose_image_is_the_feature_map(device, rng):
     hybrid.to(device), vit.to(device)
     x = mv.tensor(rng.standard_normal((2, 1, 16, 16)).astype(np.float32), device=device)
     np.testing.assert_array_equal(vit(hybrid.resnet(x)).numpy(), hybrid(x).numpy())
+
+
+# --- sizes and parameter counts ---------------------------------------------------------
+
+def test_feature_size_rounds_up_like_same_padding():
+    assert [feature_size(n, ()) for n in (224, 32, 33, 20, 7)] == [56, 8, 9, 5, 2]
+    assert [feature_size(224, layers) for layers in ((3,), (3, 4), (3, 4, 9), (3, 4, 6, 3))] == \
+        [56, 28, 14, 7]
+
+
+@pytest.mark.parametrize("name,grid,channels", [("R50+B/16", 14, 1024), ("R26+S/32", 7, 2048),
+                                                ("R+Ti/16", 7, 64), ("R50+L/32", 7, 2048),
+                                                ("cifar-hybrid", 8, 32)])
+def test_the_feature_map_and_the_token_grid(name, grid, channels):
+    c = preset(name)
+    assert (c.grid_size, c.embed_channels, c.num_patches) == (grid, channels, grid * grid)
+
+
+def test_cifar_hybrid_has_as_many_tokens_as_cifar_tiny():
+    hybrid, tiny = preset("cifar-hybrid"), preset("cifar-tiny")
+    assert hybrid.feature_size == 8 and hybrid.num_tokens == tiny.num_tokens == 65
+    assert (hybrid.hidden_size, hybrid.depth, hybrid.num_heads, hybrid.mlp_dim) == \
+        (tiny.hidden_size, tiny.depth, tiny.num_heads, tiny.mlp_dim)
+    assert count_parameters(hybrid) == 145_770
+
+
+@pytest.mark.parametrize("name", OFFICIAL_COUNTS)
+def test_presets_have_the_official_parameter_counts(name):
+    config = preset(name)
+    assert count_parameters(config) == OFFICIAL_COUNTS[name]
+    # and the official layout of that config holds exactly as many numbers
+    assert sum(int(np.prod(s)) for s in official_shapes(config).values()) == OFFICIAL_COUNTS[name]
+
+
+def test_pure_vit_counts_are_unchanged():
+    assert count_parameters(preset("B/16")) == 86_567_656
+    assert not preset("B/16").hybrid and preset("B/16").embed_channels == 3
+
+
+@pytest.mark.parametrize("fields", [
+    dict(TINY), dict(TINY, image_size=20, patch_size=1),
+    dict(TINY, resnet_layers=(1, 1), image_size=20, patch_size=1),
+    dict(TINY, resnet_layers=(1, 2, 1), image_size=33, patch_size=1)])
+def test_the_model_holds_what_count_parameters_says_and_the_sizes_are_real(fields, device):
+    config = ViTConfig(**fields)
+    model = VisionTransformer(config).to(device)
+    assert model.num_parameters() == count_parameters(config)
+    x = mv.tensor(np.zeros((1, config.in_channels, config.image_size, config.image_size),
+                           np.float32), device=device)
+    features = model.resnet(x)
+    assert features.shape == (1, config.embed_channels, config.feature_size, config.feature_size)
+    assert model(x).shape == (1, 3)
+
+
+# --- errors, dtypes and devices ---------------------------------------------------------
+
+def test_a_hybrid_config_survives_json(tmp_path, device):
+    config = ViTConfig(**dict(TINY, resnet_layers=[1, 1], image_size=16, patch_size=1))
+    assert config.resnet_layers == (1, 1)                     # a list becomes a tuple
+    assert ViTConfig(**json.loads(json.dumps(asdict(config)))) == config
+    model = VisionTransformer(config, seed=3)
+    perturb(model, np.random.default_rng(0))
+    model.to(device)
+    path = checkpoint.save_checkpoint(tmp_path / "hybrid.npz", model)
+    loaded = checkpoint.model_from_checkpoint(path).to(device)
+    x = mv.tensor(np.random.default_rng(1).standard_normal((2, 1, 16, 16)).astype(np.float32),
+                  device=device)
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_bad_hybrid_configs_are_refused():
+    with pytest.raises(ValueError, match=r"int\(64 \* width_factor\) = 16 must be a positive "
+                                         r"multiple of the 32 GroupNorm groups"):
+        ViTConfig(**dict(TINY, width_factor=0.25))
+    with pytest.raises(ValueError, match=r"resnet_layers must be None \(a pure ViT\) or a tuple "
+                                         r"of unit counts >= 1"):
+        ViTConfig(**dict(TINY, resnet_layers=(3, 0)))
+    with pytest.raises(ValueError, match=r"the ResNet's 4x4 feature map \(from 16 px images\) "
+                                         r"is not a multiple of patch_size 3"):
+        ViTConfig(**dict(TINY, patch_size=3))
+
+
+def test_a_float32_training_step_reaches_every_parameter(device, rng):
+    model = VisionTransformer("cifar-hybrid", seed=0).to(device)
+    perturb(model, rng, 0.05)
+    x = mv.tensor(rng.standard_normal((2, 3, 32, 32)).astype(np.float32), device=device)
+    labels = backend.asarray(np.array([1, 7]), device=device)
+    mv.cross_entropy(model(x), labels).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == np.float32, name
+        assert bool(backend.module_for(device).isfinite(p.grad).all()), name
 
 
 def test_to_astype_and_state_dict_cover_the_stem(device):

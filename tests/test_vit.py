@@ -1,20 +1,34 @@
 """The whole Vision Transformer (Eq. 1-4), checked against the paper and against itself.
 
-Every piece has its own derivation and check in the other test modules; the model is
-their composition, so its backward is the chain rule through them:
+The model file minivit/nn/vit.py reads like the paper's method section; every piece has
+its own derivation (in its Function's docstring) and its own test module.  These tests
+check, in order:
 
-    logits = head(LN(z_L)[cls])                           Eq. 4 and the head
-    z_l  = MLP(LN(z'_l)) + z'_l      => dz'_l = dz_l + LN'^T MLP'^T dz_l   (Eq. 3)
-    z'_l = MSA(LN(z_{l-1})) + z_{l-1} => dz_{l-1} = dz'_l + LN'^T MSA'^T dz'_l  (Eq. 2)
-    z_0  = [x_class; patches E] + E_pos => dE_pos = dz_0 (summed over the batch),
-                                          dx_class = dz_0[:, 0], dE = patches^T dz_0[:, 1:]
+1. The forward pass equals Eq. 1-4 written from the state dict with explicit loops over
+   images, patches, heads and tokens, for both heads, the erf and tanh GELU and every
+   position embedding (test_forward_matches_the_equations_written_with_loops).
+2. The embedding z_0 = [x_class; x_p E] + E_pos (Eq. 1): 196 patches and 197 tokens for
+   B/16 at 224 px, [CLS] and the head initialised to 0, E_pos with std 0.02
+   (test_sequence_length_and_initial_values); the fixed 2D sin-cos table follows its
+   formula (test_sincos_2d_embedding_formula) and is not learned
+   (test_fixed_position_embedding_is_not_learned); the "gap" head has no [CLS] token
+   (test_gap_head_has_no_cls_token).
+3. The backward is the chain rule through the pieces; the residual connections hand the
+   gradient straight through, dz_{l-1} = dz'_l + LN'^T MSA'^T dz'_l (Eq. 2) and
+   dz'_l = dz_l + LN'^T MLP'^T dz_l (Eq. 3).  A float64 gradient check of every parameter
+   and the input of a tiny model passes for both heads and all three position
+   embeddings (test_whole_model_gradient_check).
+4. The parameter counts of Table 1: B/16 has 86,567,656
+   (test_vit_b16_has_86_567_656_parameters), L/16 and H/14 as the table rounds them
+   (test_table_1_parameter_counts), and count_parameters is what an allocated model holds
+   (test_count_parameters_matches_an_allocated_model,
+   test_cifar_presets_allocate_what_they_count).
+5. The module: stable dotted parameter names (test_parameter_names_are_stable_and_dotted),
+   initial values fixed by the seed (test_seed_fixes_the_initial_values), dropout only in
+   training mode (test_dropout_only_in_training_mode), and the attention maps returned
+   on request (test_attention_maps_are_returned).
 
-The residual connections hand the gradient straight through (the "+ z" terms), which
-is why deep pre-norm Transformers train.  The tests: (1) a float64 gradient check of
-every parameter and the input of a tiny model, for both heads and all three position
-embeddings; (2) the forward pass against an independent NumPy implementation written
-from the equations with explicit loops over images, heads and tokens; (3) the
-parameter counts of the paper's Table 1, from the formula and from allocated models.
+Then float32 training, state dicts and device moves, and the errors.
 """
 import math
 
@@ -24,6 +38,9 @@ import pytest
 import minivit as mv
 from minivit.nn import (PRESETS, ViTConfig, VisionTransformer, count_parameters, preset,
                         sincos_2d_position_embedding)
+
+from reference import gelu, layer_norm, loop_attention
+
 
 TINY = dict(image_size=8, patch_size=4, num_classes=3, hidden_size=8, depth=2, num_heads=2,
             mlp_dim=16)
@@ -40,31 +57,7 @@ def perturbed_float64(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("classifier", ["token", "gap"])
-@pytest.mark.parametrize("pos_embed", ["learned", "sincos2d", "none"])
-def test_whole_model_gradient_check(classifier, pos_embed, device):
-    model = VisionTransformer(**TINY, classifier=classifier, pos_embed=pos_embed,
-                              representation_size=6 if pos_embed == "none" else None)
-    model.to(device)
-    perturbed_float64(model)
-    images = mv.tensor(np.random.default_rng(1).standard_normal((2, 3, 8, 8)),
-                       requires_grad=True, device=device)
-    params = model.parameters()
-    assert mv.gradcheck(lambda x, *ps: model(x), images, *params) < 1e-6
-
-
-# --- an independent forward pass, written from the equations with loops ---------------
-
-def _layer_norm(x, scale, bias, eps=1e-6):
-    mu = x.mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * scale + bias
-
-
-def _gelu(x, approximate="erf"):
-    if approximate == "tanh":
-        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-    return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
-
+# --- an independent forward pass, written from the equations with loops -----------------
 
 def _sincos_table(grid, dim):
     """The fixed 2D table from its formula: sin/cos of column and row at dim/4 frequencies."""
@@ -101,25 +94,19 @@ def reference_forward(p, cfg, images):
             z = z + table.astype(np.float32)      # the model keeps the table in float32
         for l in range(cfg.depth):
             b = f"blocks.{l}."
-            h = _layer_norm(z, p[b + "norm1.scale"], p[b + "norm1.bias"])
+            h = layer_norm(z, p[b + "norm1.scale"], p[b + "norm1.bias"])
             qkv = h @ p[b + "attn.qkv.weight"] + p[b + "attn.qkv.bias"]
             heads = []
             for head in range(k):
                 q = qkv[:, head * Dh:(head + 1) * Dh]
                 kk = qkv[:, D + head * Dh:D + (head + 1) * Dh]
                 v = qkv[:, 2 * D + head * Dh:2 * D + (head + 1) * Dh]
-                sa = np.zeros_like(q)
-                for i in range(len(z)):                   # one query token at a time
-                    scores = np.array([q[i] @ kk[j] for j in range(len(z))]) / math.sqrt(Dh)
-                    a = np.exp(scores - scores.max())
-                    a /= a.sum()
-                    sa[i] = sum(a[j] * v[j] for j in range(len(z)))
-                heads.append(sa)
+                heads.append(loop_attention(q, kk, v)[0])   # one query token at a time
             z = np.concatenate(heads, axis=1) @ p[b + "attn.out.weight"] + p[b + "attn.out.bias"] + z
-            h = _layer_norm(z, p[b + "norm2.scale"], p[b + "norm2.bias"])
-            h = _gelu(h @ p[b + "mlp.fc1.weight"] + p[b + "mlp.fc1.bias"], cfg.gelu)
+            h = layer_norm(z, p[b + "norm2.scale"], p[b + "norm2.bias"])
+            h = gelu(h @ p[b + "mlp.fc1.weight"] + p[b + "mlp.fc1.bias"], cfg.gelu)
             z = h @ p[b + "mlp.fc2.weight"] + p[b + "mlp.fc2.bias"] + z
-        z = _layer_norm(z, p["norm.scale"], p["norm.bias"])
+        z = layer_norm(z, p["norm.scale"], p["norm.bias"])
         y = z[0] if cfg.classifier == "token" else z.mean(0)
         if cfg.representation_size:
             y = np.tanh(y @ p["pre_logits.weight"] + p["pre_logits.bias"])
@@ -140,44 +127,7 @@ def test_forward_matches_the_equations_written_with_loops(classifier, variant, d
                                rtol=1e-10, atol=1e-12)
 
 
-# --- parameter counts (Table 1) --------------------------------------------------------
-
-def test_vit_b16_has_86_567_656_parameters():
-    # patch embedding 768*768 + 768, [CLS] 768, positions 197*768,
-    # 12 blocks of 7,087,872, final LayerNorm 2*768, head 768*1000 + 1000
-    assert count_parameters(preset("B/16")) == 86_567_656
-
-
-def test_table_1_parameter_counts():
-    # Table 1 of the paper: Base 86M, Large 307M, Huge 632M.  The exact counts (224 px,
-    # 1000 classes, no pre-logits layer) are 86,567,656, 304,326,632 and 632,045,800.
-    # Base and Huge give the table's figures in whole millions (the table truncates:
-    # 86.57M is "86M"); Large is 0.9% below its 307M (the count timm and the official
-    # code give for this architecture too).
-    assert count_parameters(preset("L/16")) == 304_326_632
-    assert count_parameters(preset("H/14")) == 632_045_800
-    assert count_parameters(preset("B/16")) // 10**6 == 86
-    assert count_parameters(preset("H/14")) // 10**6 == 632
-    assert abs(count_parameters(preset("L/16")) / 307e6 - 1) < 0.01
-
-
-@pytest.mark.parametrize("fields", [
-    dict(), dict(classifier="gap"), dict(pos_embed="sincos2d"), dict(pos_embed="none"),
-    dict(representation_size=5), dict(classifier="gap", pos_embed="none", in_channels=1),
-])
-def test_count_parameters_matches_an_allocated_model(fields):
-    model = VisionTransformer(**TINY, **fields)
-    assert count_parameters(model.config) == model.num_parameters()
-
-
-def test_cifar_presets_allocate_what_they_count():
-    for name in [n for n in PRESETS if n.startswith("cifar")]:
-        model = VisionTransformer(name)
-        assert model.num_parameters() == count_parameters(model.config)
-        assert model.config.num_patches == 64              # 32x32 images, 4x4 patches
-
-
-# --- the embedding (Eq. 1) ------------------------------------------------------------
+# --- the embedding (Eq. 1) --------------------------------------------------------------
 
 def test_sequence_length_and_initial_values():
     model = VisionTransformer("B/16", depth=1)             # one block keeps it small
@@ -214,7 +164,59 @@ def test_gap_head_has_no_cls_token():
     assert model.embed(mv.tensor(np.zeros((1, 3, 8, 8)))).shape == (1, 4, 8)
 
 
-# --- modules: names, modes, devices ---------------------------------------------------
+# --- the backward pass ------------------------------------------------------------------
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos2d", "none"])
+def test_whole_model_gradient_check(classifier, pos_embed, device):
+    model = VisionTransformer(**TINY, classifier=classifier, pos_embed=pos_embed,
+                              representation_size=6 if pos_embed == "none" else None)
+    model.to(device)
+    perturbed_float64(model)
+    images = mv.tensor(np.random.default_rng(1).standard_normal((2, 3, 8, 8)),
+                       requires_grad=True, device=device)
+    params = model.parameters()
+    assert mv.gradcheck(lambda x, *ps: model(x), images, *params) < 1e-6
+
+
+# --- parameter counts (Table 1) ---------------------------------------------------------
+
+def test_vit_b16_has_86_567_656_parameters():
+    # patch embedding 768*768 + 768, [CLS] 768, positions 197*768,
+    # 12 blocks of 7,087,872, final LayerNorm 2*768, head 768*1000 + 1000
+    assert count_parameters(preset("B/16")) == 86_567_656
+
+
+def test_table_1_parameter_counts():
+    # Table 1 of the paper: Base 86M, Large 307M, Huge 632M.  The exact counts (224 px,
+    # 1000 classes, no pre-logits layer) are 86,567,656, 304,326,632 and 632,045,800.
+    # Base and Huge give the table's figures in whole millions (the table truncates:
+    # 86.57M is "86M"); Large is 0.9% below its 307M (the count timm and the official
+    # code give for this architecture too).
+    assert count_parameters(preset("L/16")) == 304_326_632
+    assert count_parameters(preset("H/14")) == 632_045_800
+    assert count_parameters(preset("B/16")) // 10**6 == 86
+    assert count_parameters(preset("H/14")) // 10**6 == 632
+    assert abs(count_parameters(preset("L/16")) / 307e6 - 1) < 0.01
+
+
+@pytest.mark.parametrize("fields", [
+    dict(), dict(classifier="gap"), dict(pos_embed="sincos2d"), dict(pos_embed="none"),
+    dict(representation_size=5), dict(classifier="gap", pos_embed="none", in_channels=1),
+])
+def test_count_parameters_matches_an_allocated_model(fields):
+    model = VisionTransformer(**TINY, **fields)
+    assert count_parameters(model.config) == model.num_parameters()
+
+
+def test_cifar_presets_allocate_what_they_count():
+    for name in [n for n in PRESETS if n.startswith("cifar")]:
+        model = VisionTransformer(name)
+        assert model.num_parameters() == count_parameters(model.config)
+        assert model.config.num_patches == 64              # 32x32 images, 4x4 patches
+
+
+# --- modules: names, seeds, modes -------------------------------------------------------
 
 def test_parameter_names_are_stable_and_dotted():
     names = [name for name, _ in VisionTransformer(**TINY).named_parameters()]
@@ -252,6 +254,8 @@ def test_attention_maps_are_returned(device):
     assert maps[0].shape == (2, 2, 5, 5)
     np.testing.assert_allclose(maps[0].numpy().sum(-1), 1, rtol=1e-6)
 
+
+# --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_float32_training_step_keeps_float32(device):
     model = VisionTransformer(**TINY).to(device)
