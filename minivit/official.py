@@ -442,6 +442,26 @@ def resize_position_embedding(pos_embed, new_grid, has_cls):
 
 # --- loading and saving ----------------------------------------------------------------
 
+def adapt(config, state, num_classes=None, image_size=None, keep_pre_logits=False):
+    """(config, state) for another image size (position embeddings resized to the new
+    patch grid) and another number of classes (the official "drop head" start: a new
+    head of zeros and, unless keep_pre_logits, no pre-logits layer)."""
+    if image_size is not None and image_size != config.image_size:
+        config = replace(config, image_size=image_size)
+        if config.pos_embed == "learned":
+            state["pos_embed"] = resize_position_embedding(
+                state["pos_embed"], config.grid_size, config.classifier == "token")
+    if num_classes is not None and num_classes != config.num_classes:
+        if config.representation_size and not keep_pre_logits:
+            config = replace(config, representation_size=None)
+            del state["pre_logits.weight"], state["pre_logits.bias"]
+        width = config.representation_size or config.hidden_size
+        config = replace(config, num_classes=num_classes)
+        state["head.weight"] = _np().zeros((width, num_classes), dtype="float32")
+        state["head.bias"] = _np().zeros((num_classes,), dtype="float32")
+    return config, state
+
+
 def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFICIAL_GELU,
                   dropout=0.0, attention_dropout=0.0, keep_pre_logits=False, dtype="float32"):
     """A minivit VisionTransformer with the weights of an official .npz checkpoint.
@@ -468,22 +488,8 @@ def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFIC
                                      dropout=dropout, attention_dropout=attention_dropout)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    state = _minivit_state(arrays, found)
-    config = found
-    if image_size is not None and image_size != found.image_size:
-        config = replace(config, image_size=image_size)
-        if config.pos_embed == "learned":
-            state["pos_embed"] = resize_position_embedding(
-                state["pos_embed"], config.grid_size, config.classifier == "token")
-    if num_classes is not None and num_classes != found.num_classes:
-        if found.representation_size and not keep_pre_logits:
-            config = replace(config, representation_size=None)
-            del state["pre_logits.weight"], state["pre_logits.bias"]
-        width = config.representation_size or config.hidden_size
-        config = replace(config, num_classes=num_classes)
-        np = _np()
-        state["head.weight"] = np.zeros((width, num_classes), dtype="float32")
-        state["head.bias"] = np.zeros((num_classes,), dtype="float32")
+    config, state = adapt(found, _minivit_state(arrays, found), num_classes, image_size,
+                          keep_pre_logits)
     model = VisionTransformer(config, seed=seed)
     if dtype != "float32":
         model.astype(dtype)

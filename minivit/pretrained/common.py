@@ -1,11 +1,10 @@
 """What the timm and Hugging Face layouts share: PyTorch's conv and Linear layouts, and the
 changes from_pretrained makes for another image size or number of classes."""
 from collections import namedtuple
-from dataclasses import replace
 
 from minivit import backend
 from minivit.nn.vit import VisionTransformer
-from minivit.official import resize_position_embedding
+from minivit.official import adapt  # noqa: F401  (the loaders import it from here)
 
 # What from_pretrained read: the model, the format's name, the class names (a list, or None)
 # and the input normalisation {"mean", "std"} of pixels in [0, 1] (or None when unknown).
@@ -36,25 +35,6 @@ def linear_to_weight(weight):
     """torch.nn.Linear computes y = x W^T + b with W (out, in); minivit's Linear x W + b
     with W (in, out): the same numbers, transposed."""
     return _np().ascontiguousarray(weight.T)
-
-
-def adapt(config, state, num_classes=None, image_size=None):
-    """(config, state) for another image size (position embeddings resized as the official
-    fine-tuning does) and another number of classes (a new head of zeros, and no
-    pre-logits layer, as the official fine-tuning starts)."""
-    if image_size is not None and image_size != config.image_size:
-        config = replace(config, image_size=image_size)
-        if config.pos_embed == "learned":
-            state["pos_embed"] = resize_position_embedding(
-                state["pos_embed"], config.grid_size, config.classifier == "token")
-    if num_classes is not None and num_classes != config.num_classes:
-        if config.representation_size:
-            config = replace(config, representation_size=None)
-            state.pop("pre_logits.weight"), state.pop("pre_logits.bias")
-        config = replace(config, num_classes=num_classes)
-        state["head.weight"] = _np().zeros((config.hidden_size, num_classes), dtype="float32")
-        state["head.bias"] = _np().zeros((num_classes,), dtype="float32")
-    return config, state
 
 
 def build(config, state, dtype=None):
