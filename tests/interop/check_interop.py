@@ -24,6 +24,7 @@ import timm
 import torch
 import transformers
 
+from make_goldens import float64_logits, perturb  # noqa: E402  (this folder)
 from minivit.nn.vit import ViTConfig, VisionTransformer
 
 TOLERANCE = 1e-10
@@ -38,20 +39,6 @@ def report(what, got, expected):
     error = relative(got, expected)
     results.append(error <= TOLERANCE)
     print(f"{'ok ' if error <= TOLERANCE else 'BAD'} {error:.2e}  {what}")
-
-
-def perturb(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model.eval()
-
-
-def torch_logits(model, x):
-    with torch.no_grad():
-        out = model.double().eval()(torch.from_numpy(x))
-    return getattr(out, "logits", out).numpy()
 
 
 def minivit_logits(model, x):
@@ -87,7 +74,7 @@ def main():
         model = perturb(timm.create_model("vit_base_patch16_224", pretrained=False, **args), seed)
         timm.models.save_for_hf(model, folder / f"timm{seed}", safe_serialization=True)
         ours = from_pretrained(folder / f"timm{seed}", dtype="float64")
-        report(what + " (save_for_hf folder)", minivit_logits(ours, x48), torch_logits(model, x48))
+        report(what + " (save_for_hf folder)", minivit_logits(ours, x48), float64_logits(model, x48))
     # a bare state dict of a standard width: the heads come from timm's widths
     torch.manual_seed(5)
     tiny = perturb(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48,
@@ -95,7 +82,7 @@ def main():
     safetensors.torch.save_file(tiny.state_dict(), folder / "tiny.safetensors")
     ours = from_pretrained(folder / "tiny.safetensors", dtype="float64")
     report("timm vit_tiny (D=192, 3 heads), bare state dict", minivit_logits(ours, x48),
-           torch_logits(tiny, x48))
+           float64_logits(tiny, x48))
 
     hf_cases = {
         "transformers D=64, 8 heads, 3 layers, 48 px / 16, gelu_pytorch_tanh, eps 1e-12": dict(
@@ -112,7 +99,7 @@ def main():
                         seed)
         model.save_pretrained(folder / f"hf{seed}")
         ours = from_pretrained(folder / f"hf{seed}", dtype="float64")
-        report(what, minivit_logits(ours, x48), torch_logits(model, x48))
+        report(what, minivit_logits(ours, x48), float64_logits(model, x48))
 
     # 2. minivit's models into the libraries -----------------------------------------
     x40 = rng.standard_normal((3, 3, 40, 40))
@@ -126,14 +113,14 @@ def main():
         path = model.save_pretrained(folder / f"to_timm{seed}", format="timm")
         theirs = timm.create_model(f"local-dir:{path}", pretrained=True)
         report(f"minivit {what} -> timm.create_model('local-dir:...')",
-               torch_logits(theirs, x40), minivit_logits(model, x40))
+               float64_logits(theirs, x40), minivit_logits(model, x40))
         file = model.save_pretrained(folder / f"to_timm{seed}.safetensors", format="timm")
         with safetensors.safe_open(file, "pt") as f:
             args = json.loads(f.metadata()["model_args"])
         theirs = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=6, **args)
         theirs.load_state_dict(safetensors.torch.load_file(file))
         report(f"minivit {what} -> timm state dict (.safetensors, model_args from metadata)",
-               torch_logits(theirs, x40), minivit_logits(model, x40))
+               float64_logits(theirs, x40), minivit_logits(model, x40))
     to_hf = {"erf, eps 1e-6": dict(), "tanh, eps 1e-12, no qkv bias":
              dict(gelu="tanh", layer_norm_eps=1e-12, qkv_bias=False)}
     for seed, (what, fields) in enumerate(to_hf.items(), start=30):
@@ -143,7 +130,7 @@ def main():
         theirs = transformers.ViTForImageClassification.from_pretrained(path)
         assert theirs.config.id2label[5] == "c5"
         report(f"minivit {what} -> ViTForImageClassification.from_pretrained",
-               torch_logits(theirs, x40), minivit_logits(model, x40))
+               float64_logits(theirs, x40), minivit_logits(model, x40))
 
     print(f"torch {torch.__version__}, timm {timm.__version__}, "
           f"transformers {transformers.__version__}, safetensors {safetensors.__version__}")
