@@ -221,6 +221,18 @@ def synchronize(device=None):
         module_for("cuda").cuda.get_current_stream().synchronize()
 
 
+def as_one_kernel(fn, *args, nbytes=None):
+    """fn(*args), the reference computation of one hand-written kernel (minivit/kernels).
+    On a GPU this is never called for speed; on the CuPy stand-in it is how a kernel runs:
+    the stand-in counts it as the one launch it is, with its inputs and outputs as its
+    bytes, instead of the reference's many."""
+    cupy = _cupy_if_loaded()
+    standin = getattr(cupy, "_standin", None) if getattr(cupy, "_IS_STANDIN", False) else None
+    if standin is None or not hasattr(standin, "one_launch"):
+        return fn(*args)
+    return standin.one_launch(fn, *args, nbytes=nbytes)
+
+
 # --- asking arrays about themselves ----------------------------------------------------
 
 def is_array(x):

@@ -24,6 +24,8 @@ PATHS = {
     "blas_sums": "CPU: sums over short rows and columns as BLAS products with a ones vector",
     "float32_erf": "float32 erf as one rational function instead of Cody's in float64",
     "flat_optimizer": "optimiser updates on whole flat buffers, not one parameter at a time",
+    "kernels": "GPU: hand-written CUDA kernels, one launch each, for the passes that stream "
+               "most (minivit/kernels; also off with MINIVIT_KERNELS=0)",
 }
 
 _off = set(PATHS) if os.environ.get("MINIVIT_REFERENCE") == "1" else set()

@@ -13,7 +13,7 @@ backward returns dL/dx.  Every function works on arrays of either backend, with
 """
 import math
 
-from minivit import backend
+from minivit import backend, kernels
 from minivit.autograd import Function, Tensor
 from minivit.blocks import map_rows
 from minivit.ops.special import erf
@@ -56,6 +56,24 @@ def gelu_tanh_backward(g, x, t):
     return g * dy_dx
 
 
+# Fast path (GPU): each rule as one CUDA kernel instead of a dozen elementwise launches;
+# the forward saves nothing, the backward recomputes Phi(x) or tanh(u) from x.
+from minivit.kernels import gelu as _gelu_cuda  # noqa: E402
+
+GELU_KERNELS = {
+    "erf": (kernels.Kernel("gelu_erf_forward", "gelu.cu", _gelu_cuda.erf_forward,
+                           lambda x: gelu_erf(x)[0]),
+            kernels.Kernel("gelu_erf_backward", "gelu.cu", _gelu_cuda.erf_backward,
+                           lambda g, x: gelu_erf_backward(g, x, gelu_erf(x)[1]),
+                           sample=kernels.leading(0, 1))),
+    "tanh": (kernels.Kernel("gelu_tanh_forward", "gelu.cu", _gelu_cuda.tanh_forward,
+                            lambda x: gelu_tanh(x)[0]),
+             kernels.Kernel("gelu_tanh_backward", "gelu.cu", _gelu_cuda.tanh_backward,
+                            lambda g, x: gelu_tanh_backward(g, x, gelu_tanh(x)[1]),
+                            sample=kernels.leading(0, 1))),
+}
+
+
 class GELU(Function):
     """y = GELU(x) = x Phi(x), the MLP non-linearity of ViT (Eq. 3), elementwise.
 
@@ -81,13 +99,19 @@ class GELU(Function):
                              f"('erf': exact x*Phi(x); 'tanh': the tanh approximation), "
                              f"got {approximate!r}")
         self.rule, self.backward_rule = self.RULES[approximate]
+        self.kernels = GELU_KERNELS[approximate]
 
     def forward(self, x):
         self.x = x
+        if kernels.usable(x):
+            self.saved = None
+            return self.kernels[0](x)
         y, self.saved = map_rows(self.rule, x)          # saved: Phi(x), or tanh(u)
         return y
 
     def backward(self, g):
+        if self.saved is None:
+            return self.kernels[1](g, self.x)
         return map_rows(self.backward_rule, g, self.x, self.saved)
 
 
