@@ -93,6 +93,7 @@ class Settings:
     attention_dropout: float = 0.0
     augment: str = "standard"
     train_subset: int = None
+    val_split: int = 0            # hold out the last N training images to validate on
     seed: int = 0
     pretrained: str = None        # weights to start from (official, minivit, timm, hf)
     image_size: int = None        # the model's resolution; CIFAR images are upsampled to it
@@ -197,6 +198,10 @@ def parse_args(argv=None):
                         "checkpoint's, or 32)")
     p.add_argument("--train-subset", type=positive_int,
                    help="train on the first N training images only (quick experiments)")
+    p.add_argument("--val-split", type=count,
+                   help="hold out the last N of the 50,000 training images and evaluate on "
+                        "them instead of the test set (to choose a recipe without looking "
+                        "at the test set; default 0: evaluate on the test set)")
     p.add_argument("--eval-batch-size", type=positive_int, default=500,
                    help="images per test batch (default: 500)")
     p.add_argument("--threads", type=positive_int,
@@ -322,14 +327,15 @@ READ_EVERY = 20          # under MPI: steps between reads of the running totals
 
 
 def evaluate(model, images, labels, batch_size, mean, std, device, world=distributed.World(),
-             show_progress=False):
-    """Test loss and accuracy, summed on the device and read once (under MPI each rank
-    evaluates its shard of the test set and the sums are added across ranks)."""
+             show_progress=False, split="test"):
+    """Loss and accuracy on held-out images (the test set, or split="val": the validation
+    images), summed on the device and read once (under MPI each rank evaluates its shard
+    and the sums are added across ranks); keys "<split>_loss" and "<split>_acc"."""
     model.eval()
     xp = backend.module_for(device)
     loss_sum, correct = xp.zeros((), dtype="float64"), xp.zeros((), dtype="float64")
     first, last = world.shard(len(images))
-    bar = cli.Progress(last - first, "test", show_progress)
+    bar = cli.Progress(last - first, split, show_progress)
     with mv.no_grad():
         for start in range(first, last, batch_size):
             end = min(start + batch_size, last)
@@ -343,8 +349,8 @@ def evaluate(model, images, labels, batch_size, mean, std, device, world=distrib
                 bar.update(end - first)
     bar.close()
     totals = world.reduce_host(backend.to_numpy(xp.stack([loss_sum, correct])))
-    return {"test_loss": float(totals[0]) / len(images),
-            "test_acc": float(totals[1]) / len(images)}
+    return {f"{split}_loss": float(totals[0]) / len(images),
+            f"{split}_acc": float(totals[1]) / len(images)}
 
 
 # --- logs and curves --------------------------------------------------------------------
@@ -359,13 +365,15 @@ def plot_curves(path, history):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     epochs = [row["epoch"] for row in history]
+    split = "val" if "val_acc" in history[0] else "test"
+    name = {"val": "validation", "test": "test"}[split]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-",
                  label="train (with label smoothing, augmentation)")
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
+    ax_loss.plot(epochs, [r[split + "_loss"] for r in history], "o-", label=name)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "o-", label="test")
+    ax_acc.plot(epochs, [100 * r[split + "_acc"] for r in history], "o-", label=name)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -482,6 +490,15 @@ def train(args, out, device, world, saved):
 
     cifar = cli.find_cifar10(args.data_dir, args.no_download)
     train_x, train_y = cifar.train_images, cifar.train_labels
+    split = "val" if s.val_split else "test"       # what the run evaluates on
+    if s.val_split:
+        if s.val_split >= len(train_x):
+            sys.exit(f"error: --val-split {s.val_split} leaves no training image: there "
+                     f"are {len(train_x):,}; hold out fewer")
+        eval_x, eval_y = train_x[-s.val_split:], train_y[-s.val_split:]
+        train_x, train_y = train_x[:-s.val_split], train_y[:-s.val_split]
+    else:
+        eval_x, eval_y = cifar.test_images, cifar.test_labels
     if s.train_subset:
         train_x, train_y = train_x[:s.train_subset], train_y[:s.train_subset]
 
@@ -530,8 +547,10 @@ def train(args, out, device, world, saved):
     steps_per_epoch = loader.num_batches()
     total_steps, _, epochs = s.schedule(steps_per_epoch)
     print(f"{model.describe()}")
-    print(f"training on {cli.plural(len(train_x), 'image')}, testing on "
-          f"{len(cifar.test_images):,}; {cli.plural(total_steps, 'step')} "
+    evaluated_on = (f"validating on the last {len(eval_x):,} training images"
+                    if s.val_split else f"testing on {len(eval_x):,}")
+    print(f"training on {cli.plural(len(train_x), 'image')}, {evaluated_on}; "
+          f"{cli.plural(total_steps, 'step')} "
           f"({cli.plural(epochs, 'epoch')} of {steps_per_epoch}), batch {s.batch_size}, "
           f"{s.optimizer} lr {s.lr:g}, backend {cli.backend_text(args.backend)}"
           + (f", {world.size} processes (MPI)" if world.size > 1 else ""), flush=True)
@@ -549,13 +568,13 @@ def train(args, out, device, world, saved):
         if problem:
             stop(problem)
         train_time = time.perf_counter() - t0
-        test = evaluate(model, cifar.test_images, cifar.test_labels, args.eval_batch_size,
-                        mean, std, device, world, show_progress)
+        test = evaluate(model, eval_x, eval_y, args.eval_batch_size, mean, std, device, world,
+                        show_progress, split)
         if not weights_finite(optimizer):
-            stop(f"the weights became NaN or infinite in epoch {epoch + 1} (test loss "
-                 f"{test['test_loss']:g})")
-        if not math.isfinite(test["test_loss"]):
-            stop(f"the test loss became {test['test_loss']:g} after epoch {epoch + 1}")
+            stop(f"the weights became NaN or infinite in epoch {epoch + 1} ({split} loss "
+                 f"{test[split + '_loss']:g})")
+        if not math.isfinite(test[split + "_loss"]):
+            stop(f"the {split} loss became {test[split + '_loss']:g} after epoch {epoch + 1}")
         elapsed += time.perf_counter() - t0
         row = {"epoch": epoch + 1, **train, **test, "lr": optimizer.lr,
                "images_per_s": train["train_images"] / train_time, "elapsed_s": elapsed}
@@ -570,14 +589,14 @@ def train(args, out, device, world, saved):
             write_log(out / "log.jsonl", history)
             plot_curves(out / "curves.png", history)
         print(f"epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} "
-              f"acc {100 * row['train_acc']:5.2f}%  test loss {row['test_loss']:.4f} "
-              f"acc {100 * row['test_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
+              f"acc {100 * row['train_acc']:5.2f}%  {split} loss {row[split + '_loss']:.4f} "
+              f"acc {100 * row[split + '_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
               f"{elapsed / 60:.1f} min", flush=True)
 
     if world.is_main:                      # what the trained model learned (paper Fig. 7)
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         from visualize import write_model_figures
-        sample = data.normalize(cifar.test_images[::max(1, len(cifar.test_images) // 256)],
+        sample = data.normalize(eval_x[::max(1, len(eval_x) // 256)],
                                 mean, std)
         sample = resize_bilinear(backend.asarray(sample, device=device), model.config.image_size)
         for path in write_model_figures(model, out / "figures", sample):
@@ -585,7 +604,8 @@ def train(args, out, device, world, saved):
 
     final = history[-1] if history else None
     if final:
-        print(f"final test accuracy: {100 * final['test_acc']:.2f}% after "
+        name = "validation" if s.val_split else "test"
+        print(f"final {name} accuracy: {100 * final[split + '_acc']:.2f}% after "
               f"{cli.plural(final['epoch'], 'epoch')} ({final['elapsed_s'] / 60:.1f} min)")
     print(f"log: {out / 'log.jsonl'}\ncurves: {out / 'curves.png'}\ncheckpoint: {ckpt_path}")
     return final

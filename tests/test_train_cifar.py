@@ -264,6 +264,40 @@ def test_the_hybrid_recipe_trains_and_resumes(train_cifar, cifar_dir, tmp_path, 
     assert any(name.startswith("resnet.") for name in saved["model"])
 
 
+def test_val_split_holds_out_the_last_training_images_and_never_reads_the_test_set(
+        train_cifar, cifar_dir, tmp_path, capsys, monkeypatch):
+    """--val-split N: train on the first 50,000 - N training images, evaluate on the last N
+    (choosing a recipe without looking at the test set).  The validation accuracy logged
+    is the saved model's accuracy on exactly those N images."""
+    from minivit.data import load_cifar10
+    cifar = load_cifar10(cifar_dir)
+    seen = []
+    real_evaluate = train_cifar.evaluate
+
+    def evaluate(model, images, labels, *rest, **kw):
+        seen.append(images)
+        return real_evaluate(model, images, labels, *rest, **kw)
+    monkeypatch.setattr(train_cifar, "evaluate", evaluate)
+    final = train_cifar.main(args(cifar_dir, tmp_path / "run", "--val-split", "8"))
+    out = capsys.readouterr().out
+    assert "training on 32 images, validating on the last 8 training images" in out
+    assert f"final validation accuracy: {100 * final['val_acc']:.2f}%" in out
+    assert all(np.array_equal(images, cifar.train_images[-8:]) for images in seen) and seen
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["train_images"] == 32 and "test_acc" not in rows[0]
+
+    from minivit.nn import VisionTransformer
+    model = VisionTransformer.from_pretrained(tmp_path / "run" / "checkpoint.npz")
+    saved = checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    mean, std = saved["normalization"]["mean"], saved["normalization"]["std"]
+    again = real_evaluate(model, cifar.train_images[-8:], cifar.train_labels[-8:], 8, mean, std,
+                          "cpu", split="val")
+    assert again["val_acc"] == final["val_acc"]
+
+    with pytest.raises(SystemExit, match="--val-split 40 leaves no training image"):
+        train_cifar.main(args(cifar_dir, tmp_path / "all", "--val-split", "40"))
+
+
 def test_a_run_ends_with_the_figures_of_what_the_model_learned(train_cifar, cifar_dir, tmp_path):
     train_cifar.main(args(cifar_dir, tmp_path / "run", "--epochs", "1"))
     figures = sorted(p.name for p in (tmp_path / "run" / "figures").glob("*.png"))
