@@ -77,6 +77,7 @@ class Settings:
     mlp_dim: int = None
     patch_size: int = None
     gelu: str = None
+    classifier: str = None        # "token" ([CLS]) or "gap" (mean of the patch tokens)
     epochs: int = 6
     batch_size: int = 128
     lr: float = 2e-3
@@ -113,7 +114,8 @@ class Settings:
 
     def model_config(self):
         fields = {k: getattr(self, k) for k in ("hidden_size", "depth", "num_heads", "mlp_dim",
-                                                "patch_size", "gelu", "image_size")
+                                                "patch_size", "gelu", "classifier",
+                                                "image_size")
                   if getattr(self, k)}
         return preset(self.model, num_classes=10, dropout=self.dropout,
                       attention_dropout=self.attention_dropout, **fields)
@@ -187,6 +189,9 @@ def parse_args(argv=None):
     p.add_argument("--mlp-dim", type=positive_int, help="override the MLP's hidden width")
     p.add_argument("--patch-size", type=positive_int, help="override the patch size P")
     p.add_argument("--gelu", choices=["erf", "tanh"], help="exact (erf) or tanh GELU")
+    p.add_argument("--classifier", choices=["token", "gap"],
+                   help="what the head reads: the [CLS] token (the paper's default) or the "
+                        "mean of the patch tokens (global average pooling, App. D.3)")
     p.add_argument("--pretrained", type=cli.path,
                    help="fine-tune from these weights: an official ViT .npz "
                         "(google-research/vision_transformer), a minivit checkpoint, a timm "
@@ -213,7 +218,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-SHAPE_FIELDS = ("model", "hidden_size", "depth", "num_heads", "mlp_dim", "patch_size")
+SHAPE_FIELDS = ("model", "hidden_size", "depth", "num_heads", "mlp_dim", "patch_size",
+                "classifier")
 
 
 def settings_from(args):
