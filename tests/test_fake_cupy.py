@@ -203,6 +203,9 @@ def test_matmul_copies_operands_as_cupy_does(cp, standin):
     assert standin.counts()["bytes"] == 96 + 160 + 120 + 2 * 160
     assert standin.counters.hidden_copies[0][1].startswith(site)
     standin.reset()
+    a @ (b_t * 2.0)                 # CuPy's ufuncs write C-contiguous results: no copy
+    assert standin.counts()["launches"] == 2 and standin.counts()["hidden_copies"] == 0
+    standin.reset()
     cp.matmul(a, cp.asarray(np.ones((5, 4), dtype=np.float32)).T)  # 2-D, broadcast: copied
     assert standin.counts()["hidden_copies"] == 1
     m = cp.asarray(np.ones((4, 6), dtype=np.float32))

@@ -58,6 +58,16 @@ def _wrap_result(r):
     return r
 
 
+def _c_order(r):
+    """r with its arrays C-contiguous: CuPy allocates the outputs of its ufuncs and
+    reductions C-contiguous, where NumPy follows the inputs' layout."""
+    if isinstance(r, numpy.ndarray) and not r.flags.c_contiguous:
+        return numpy.ascontiguousarray(r)
+    if isinstance(r, tuple):
+        return tuple(_c_order(x) for x in r)
+    return r
+
+
 def _unsupported(x):
     return TypeError(f"Unsupported type {type(x)}")
 
@@ -194,7 +204,7 @@ class _Ufunc:
         copy_out = self.__name__ == "matmul" and not method and len(args) == 2 and \
             _matmul_copies(*args, out if isinstance(out, ndarray) else None)
         r = getattr(self._u, method)(*raw, **kw) if method else self._u(*raw, **kw)
-        result = out if isinstance(out, ndarray) else _wrap_result(r)
+        result = out if isinstance(out, ndarray) else _wrap_result(_c_order(r))
         if copy_out:
             _standin.hidden_copy("matmul result copied to out or cast", 2 * result.nbytes)
         _standin.launch(nbytes=_traffic(args, kwargs, result))
@@ -615,11 +625,14 @@ def _method(name):
             _standin.read(name)
             return _wrap_result(np_method(self._a, *_unwrap(args), **_unwrap(kwargs)))
         r = np_method(self._a, *_unwrap(args), **_unwrap(kwargs))
-        result = _wrap_result(r)
         if name == "reshape":
+            result = _wrap_result(r)
             if not _is_view(r, [self._a]):
                 _standin.hidden_copy("reshape that cannot be a view", 2 * result.nbytes)
-        elif name not in _VIEW_METHODS:
+        elif name in _VIEW_METHODS:
+            result = _wrap_result(r)
+        else:
+            result = _wrap_result(r if "out" in kwargs else _c_order(r))
             _standin.launch(nbytes=_traffic((self,) + args, kwargs, result))
         return result
     method.__name__ = name
