@@ -8,6 +8,13 @@ array mixed into device arithmetic, a NumPy-only name (numpy.errstate,
 Generator.permutation), a Python int given to unravel_index -- fail here too.  On a
 GPU the same tests run on the real CuPy instead.
 
+It also counts what a GPU step spends: device reads, host copies, kernel launches and
+the bytes they move, and the copies real CuPy makes unasked -- matmul operands that are
+not contiguous enough for cuBLAS, reshapes that cannot be views
+(test_matmul_copies_operands_as_cupy_does, test_a_reshape_that_cannot_be_a_view_copies).
+A hand-written kernel runs its NumPy reference inside `_standin.one_launch`, counted as
+the one launch it is on a GPU (test_one_launch_counts_a_fused_kernel_once).
+
 These checks need the stand-in in this process, so they run in the CI pass with
 MINIVIT_FAKE_CUPY=1 (and skip in the plain NumPy pass); the last two run in both.
 """
@@ -163,6 +170,7 @@ def test_each_launch_counts_the_bytes_it_moves(cp, standin):
     x = cp.asarray(np.ones((4, 4), dtype=np.float32))        # 64 bytes
     w = cp.asarray(np.ones((4, 8), dtype=np.float32))        # 128 bytes
     idx = cp.asarray(np.array([0, 2]))                       # 16 bytes
+    y = cp.zeros((4, 4), dtype=np.float32)
     for op, launches, nbytes in ((lambda: x + x, 1, 64 + 64 + 64),
                                  (lambda: x * 2.0, 1, 64 + 64),          # scalars move 0
                                  (lambda: x.sum(), 1, 64 + 4),
@@ -179,6 +187,8 @@ def test_each_launch_counts_the_bytes_it_moves(cp, standin):
                                  (lambda: x.T.ravel(), 1, 64 + 64),
                                  (lambda: x.ravel(), 0, 0),
                                  (lambda: cp.transpose(x), 0, 0),
+                                 (lambda: cp.copyto(y, x), 1, 64 + 64),
+                                 (lambda: cp.empty((4, 4)), 0, 0),
                                  (lambda: cp.ascontiguousarray(x), 0, 0)):
         standin.reset()
         op()
@@ -214,6 +224,14 @@ def test_matmul_copies_operands_as_cupy_does(cp, standin):
     assert standin.counts()["launches"] == 1 and standin.counts()["hidden_copies"] == 0
     m[:, ::2] @ m[:3]                                           # neither: copied
     assert standin.counts()["launches"] == 3 and standin.counts()["hidden_copies"] == 1
+    out = cp.zeros((6, 6), dtype=np.float32).T
+    standin.reset()
+    cp.matmul(m.T, m, out=out)                      # out not C-contiguous: written via a copy
+    assert standin.counts()["launches"] == 2 and standin.counts()["hidden_copies"] == 1
+    half = a.astype(np.float16)
+    standin.reset()
+    half @ half.swapaxes(1, 2)      # batched float16 computes in float32: 2 casts, 1 back
+    assert standin.counts()["launches"] == 4 and standin.counts()["hidden_copies"] == 3
 
 
 @needs_standin

@@ -140,10 +140,11 @@ def _inputs(x):
 
 
 def _matmul_copies(a, b, out):
-    """The operand copies CuPy's matmul makes before calling cuBLAS; whether it then
-    copies the result into `out` (or casts it back from float32 for float16)."""
+    """The operand copies CuPy's matmul makes before calling cuBLAS; the dtype it
+    computes in if it then copies the result into `out` (or casts it back from float32
+    for float16), else None."""
     if not (isinstance(a, ndarray) and isinstance(b, ndarray)) or not (a.ndim and b.ndim):
-        return False
+        return None
     dtype = result_dtype = numpy.promote_types(a.dtype, b.dtype)
     if builtins.max(a.ndim, b.ndim) <= 2:    # cuBLAS takes C- or F-contiguous matrices
         for x in (a, b):
@@ -155,14 +156,17 @@ def _matmul_copies(a, b, out):
         if dtype == numpy.float16:
             dtype = numpy.dtype(numpy.float32)
         for x in (a, b):
-            if x.dtype != dtype or not x._a.flags.c_contiguous:
-                _standin.hidden_copy("matmul operand not C-contiguous (batched)",
+            if x.dtype != dtype:
+                _standin.hidden_copy("matmul operand cast (batched)",
                                      x.nbytes + x.size * dtype.itemsize)
+            elif not x._a.flags.c_contiguous:
+                _standin.hidden_copy("matmul operand not C-contiguous (batched)", 2 * x.nbytes)
     if out is None:
-        return dtype != result_dtype
-    return not (out._a.flags.c_contiguous and out.dtype == dtype and
-                not numpy.may_share_memory(out._a, a._a) and
-                not numpy.may_share_memory(out._a, b._a))
+        return dtype if dtype != result_dtype else None
+    direct = (out._a.flags.c_contiguous and out.dtype == dtype and
+              not numpy.may_share_memory(out._a, a._a) and
+              not numpy.may_share_memory(out._a, b._a))
+    return None if direct else dtype
 
 
 def _host_copy(data, dtype=None, what="asarray"):
@@ -201,12 +205,13 @@ class _Ufunc:
         if self.__name__ in _standin.BLAS_FUNCTIONS:
             _standin.require("cublas")
         _standin.require("nvrtc")
-        copy_out = self.__name__ == "matmul" and not method and len(args) == 2 and \
-            _matmul_copies(*args, out if isinstance(out, ndarray) else None)
+        copy_from = _matmul_copies(*args, out if isinstance(out, ndarray) else None) \
+            if self.__name__ == "matmul" and not method and len(args) == 2 else None
         r = getattr(self._u, method)(*raw, **kw) if method else self._u(*raw, **kw)
         result = out if isinstance(out, ndarray) else _wrap_result(_c_order(r))
-        if copy_out:
-            _standin.hidden_copy("matmul result copied to out or cast", 2 * result.nbytes)
+        if copy_from is not None:
+            _standin.hidden_copy("matmul result copied to out or cast",
+                                 result.size * copy_from.itemsize + result.nbytes)
         _standin.launch(nbytes=_traffic(args, kwargs, result))
         return result
 
@@ -251,7 +256,10 @@ def _function(name, np_func):
         out = kwargs.get("out")
         r = np_func(*_unwrap(args), **_unwrap(kwargs))
         result = out if isinstance(out, ndarray) else _wrap_result(r)
-        if out is None and _is_view(r, _inputs((args, kwargs))) or name in _ALLOCATING:
+        inputs = _inputs((args, kwargs))
+        if r is None and inputs:                   # in place (copyto, ...): a kernel
+            _standin.launch(nbytes=_traffic(args, kwargs, None))
+        elif out is None and _is_view(r, inputs) or name in _ALLOCATING:
             pass
         elif name == "reshape":
             _standin.hidden_copy("reshape that cannot be a view", 2 * result.nbytes)

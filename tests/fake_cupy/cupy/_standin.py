@@ -16,20 +16,23 @@
                    cuBLAS 2-D operands that are C- or F-contiguous (others are copied);
                    a result that cannot be written into `out` directly is copied there;
                    a reshape (method or `cupy.reshape`) that cannot be a view copies.
+                   As in CuPy, ufunc and reduction results are C-contiguous (NumPy's
+                   follow their inputs' layout), so `(x.T * 2) @ y` copies nothing.
 
 The byte rule: each launch moves the nbytes of its device-array inputs plus its outputs;
 scalars count 0.  Ufuncs and functions: inputs + result (or `out`); reductions: input +
-result; matmul: a + b + result; copy, astype, ascontiguousarray, a ravel that copies:
-input + output; fill: output; fancy indexing `x[i]`: the index arrays + the result twice
-(gathered, then written); `x[key] = v`: the device value (or index arrays) + the bytes
-written; scatter_add and ufunc.at: the index arrays and value + the touched elements
-twice (read, then written); random numbers: output; a hidden copy: its input + output.
+result; in-place functions (copyto): their device arguments; matmul: a + b + result;
+copy, astype, ascontiguousarray, a ravel that copies: input + output; fill: output;
+fancy indexing `x[i]`: the index arrays + the result twice (gathered, then written);
+`x[key] = v`: the value and index arrays + the bytes written; scatter_add and ufunc.at:
+the index arrays and value + the touched elements twice (read, then written); random
+numbers: output; a hidden copy: its input + output.
 
 `one_launch(fn, *args, nbytes=None, **kwargs)` runs a fused kernel's reference
 computation as one launch: the launches, bytes and hidden copies inside are not counted
 (reads and copies are: they are bugs in a kernel too); then one launch is counted with
 `nbytes`, or by default the device arrays among the arguments (inside lists and tuples
-too) plus those in the result.
+too) plus those in the result.  One inside another counts as the outer one only.
 
 Reads, copies and hidden copies are recorded with the call site (the first frame outside
 the stand-in), so a failing budget test can say where they happen; launches and bytes
