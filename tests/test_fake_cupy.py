@@ -282,6 +282,7 @@ def test_one_launch_counts_a_fused_kernel_once(cp, standin):
     y = standin.one_launch(layer_norm, x, g, eps=1e-6)
     assert standin.counts() == {"reads": 0, "copies": 0, "launches": 1,
                                 "bytes": 64 + 16 + 64, "hidden_copies": 0}
+    assert type(y) is cp.ndarray and cp.asnumpy(y).tolist() == [[0.0] * 4] * 4  # fn's result
     standin.reset()
     standin.one_launch(lambda parts: (parts[0] + 1, parts[1] * 2), [x, g])
     assert standin.counts()["launches"] == 1 and standin.counts()["bytes"] == 2 * (64 + 16)
