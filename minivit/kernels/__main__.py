@@ -2,6 +2,7 @@
 
     python -m minivit.kernels --compile-only            # sm_80, sm_90 and sm_100
     python -m minivit.kernels --compile-only --arch 90
+    python -m minivit.kernels --compile-only --folder DIR   # the .cu sources of DIR
 
 CuPy's own compile calls ask for a GPU first, so this goes to NVRTC itself (ctypes), found
 in the nvidia-cuda-nvrtc-cu12 wheel (the "test" extra installs it), in CuPy's CUDA
