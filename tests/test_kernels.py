@@ -279,9 +279,9 @@ def test_gelu_kernel_path_equals_the_reference(cupy, kernels_on, monkeypatch, ap
     assert reference.saved is not None             # ... and the reference path Phi(x) or t
     assert y.dtype == dx.dtype == np.float32
     np.testing.assert_allclose(backend.to_numpy(y), backend.to_numpy(y_ref),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-4, atol=1e-5)      # each kernel's tolerance
     np.testing.assert_allclose(backend.to_numpy(dx), backend.to_numpy(dx_ref),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("approximate", ["erf", "tanh"])
