@@ -13,6 +13,10 @@ Sections, in order (leave any out with --skip NAME[,NAME...]):
             so a missing GPU fails them instead of skipping): counts and failing ids
   vit_step  benchmarks/vit_step.py --backend cupy: one training step against the time
             of its matrix products alone
+  kernels   each hand-written CUDA kernel of minivit/kernels against its reference on its
+            example input (do they agree, and the time of each); on the CuPy stand-in
+            also the launches and bytes of one cifar-small batch-128 training step with
+            the kernels and without (MINIVIT_KERNELS=0), which only the stand-in counts
   torch     benchmarks/torch_throughput.py --device cuda: training throughput of minivit
             on CuPy against PyTorch eager, PyTorch "fast" (SDPA + fused AdamW) and
             torch.compile on the same GPU, in fp32 and again with TF32 matrix products
@@ -49,16 +53,17 @@ sys.path.insert(0, str(ROOT))                   # run from a checkout without in
 
 from minivit import backend, cli  # noqa: E402
 
-SECTIONS = ("gpu", "warmup", "tests", "vit_step", "torch", "train")
+SECTIONS = ("gpu", "warmup", "tests", "vit_step", "kernels", "torch", "train")
 TITLES = {"gpu": "GPU and software", "warmup": "Warming CuPy's kernel cache",
           "tests": "Test suite on CuPy ([cuda] cases)",
           "vit_step": "One training step against its matmul floor (vit_step.py)",
+          "kernels": "Hand-written CUDA kernels against their references",
           "torch": "Training throughput against PyTorch (torch_throughput.py)",
           "train": "CIFAR-10 training run (train_cifar.py --preset gpu)"}
 # Seconds each section may take at most, and the least worth starting it with.  On a
 # cold cache the tests compile about 650 distinct kernels at 0.13-0.15 s each.
-CAPS = {"warmup": 180, "tests": 300, "vit_step": 60, "torch": 240}
-FLOORS = {"warmup": 10, "tests": 20, "vit_step": 10, "torch": 20, "train": 60}
+CAPS = {"warmup": 180, "tests": 300, "vit_step": 60, "kernels": 120, "torch": 240}
+FLOORS = {"warmup": 10, "tests": 20, "vit_step": 10, "kernels": 10, "torch": 20, "train": 60}
 SMOKE_TEST_FILES = ["tests/test_loss.py", "tests/test_norm.py"]
 
 
@@ -274,7 +279,123 @@ def section_vit_step(args, timeout):
     return summary + f"`{shlex.join(cmd[1:])}`:\n\n" + code_block(output)
 
 
-# --- (e) PyTorch ---------------------------------------------------------------------------
+# --- (e) the CUDA kernels ------------------------------------------------------------------
+
+def best_seconds(fn, args, repeat):
+    """The best of `repeat` runs of fn(*args), each bracketed by device synchronisations."""
+    best = float("inf")
+    for _ in range(repeat):
+        backend.synchronize("cuda")
+        start = time.perf_counter()
+        fn(*args)
+        backend.synchronize("cuda")
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def shapes(args):
+    return ", ".join("x".join(map(str, a.shape)) for a in args if backend.is_array(a))
+
+
+def step_counts(preset, batch):
+    """What the CuPy stand-in counts in one training step (forward, cross-entropy, backward,
+    AdamW), with the kernels and with MINIVIT_KERNELS=0: {setting: counts}.  The first
+    step of each setting is not counted (it runs the kernels' self-checks)."""
+    import numpy
+    import minivit as mv
+    from cupy import _standin
+    from minivit import fast
+    from minivit.optim import AdamW
+    model = mv.nn.VisionTransformer(preset).to("cuda")
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    rng = numpy.random.default_rng(0)
+    size = model.config.image_size
+    images = mv.tensor(rng.standard_normal((batch, 3, size, size), dtype=numpy.float32),
+                       device="cuda")
+    labels = backend.to_device(rng.integers(0, model.config.num_classes, batch), "cuda")
+
+    def step():
+        model.zero_grad()
+        mv.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    counts, before, off = {}, os.environ.get("MINIVIT_KERNELS"), fast.disabled()
+    fast.use_reference(False, paths=["kernels"])     # even under MINIVIT_REFERENCE=1
+    try:
+        for setting in ("1", "0"):
+            os.environ["MINIVIT_KERNELS"] = setting
+            step()
+            _standin.reset()
+            step()
+            counts[setting] = _standin.counts()
+    finally:
+        if before is None:
+            os.environ.pop("MINIVIT_KERNELS", None)
+        else:
+            os.environ["MINIVIT_KERNELS"] = before
+        fast.use_reference(True, paths=off)
+    return counts
+
+
+def section_kernels(args, timeout):
+    import minivit  # noqa: F401  (defines every kernel)
+    from minivit import kernels
+    cupy = backend.module_for("cuda")
+    standin = getattr(cupy, "_IS_STANDIN", False)
+    repeat = 1 if args.smoke else 5
+    rows, problems = [], []
+    for name, kernel in sorted(kernels.KERNELS.items()):
+        if kernel.example is None:
+            rows.append((f"`{name}`", kernel.file, "-", "no example input", "-", "-", "-"))
+            continue
+        example = kernel.example(cupy)
+        try:
+            problem = kernel.compare(example)
+        except Exception as e:                     # a compile or launch error
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if problem is not None:
+            problems.append(f"- `{name}`: {problem}")
+            rows.append((f"`{name}`", kernel.file, shapes(example), "**differs**", "-", "-", "-"))
+            continue
+        t_kernel = best_seconds(kernel.run, example, repeat)
+        t_reference = best_seconds(kernel.reference, example, repeat)
+        rows.append((f"`{name}`", kernel.file, shapes(example), "agrees",
+                     f"{t_kernel * 1e3:.3f}", f"{t_reference * 1e3:.3f}",
+                     f"{t_reference / t_kernel:.1f}x"))
+    off = ("" if kernels.on() else "; kernels are off for training here (MINIVIT_KERNELS=0 "
+           "or MINIVIT_REFERENCE=1), these run them all the same")
+    lines = [f"{len(rows)} kernels (minivit/kernels), each on its example input against its "
+             f"reference, best of {repeat} run{'s' if repeat != 1 else ''} bracketed by device "
+             f"synchronisations{off}:",
+             "", table(["kernel", "source", "example input", "against the reference",
+                        "kernel (ms)", "reference (ms)", "speed-up"], rows)]
+    if standin:
+        lines += ["", "On the CuPy stand-in a kernel runs its reference: these are CPU times of "
+                      "the same computation, not a measurement."]
+    if problems:
+        lines += ["", "Kernels that differ from their reference or fail (training falls back "
+                      "to the reference, with one warning line):", ""] + problems
+    preset, batch = ("cifar-tiny", 4) if args.smoke else ("cifar-small", 128)
+    if standin:
+        counts = step_counts(preset, batch)
+        lines += ["", f"One training step of {preset} at batch {batch} (forward, cross-entropy, "
+                      "backward, AdamW), counted by the CuPy stand-in (launches: kernels and "
+                      "array operations; bytes: their inputs plus outputs; hidden copies: the "
+                      "copies CuPy makes of non-contiguous matmul operands and reshapes):", "",
+                  table(["", "launches", "bytes moved", "hidden copies", "device reads"],
+                        [[label, f"{c['launches']:,}", f"{c['bytes'] / 1e6:,.0f} MB",
+                          f"{c.get('hidden_copies', 0):,}", f"{c['reads']:,}"]
+                         for label, c in (("with the kernels", counts["1"]),
+                                          ("MINIVIT_KERNELS=0", counts["0"]))])]
+    else:
+        lines += ["", "Launch and traffic counts of a training step come from the CuPy stand-in "
+                      "only: `MINIVIT_FAKE_CUPY=1 python benchmarks/gpu_report.py --skip "
+                      "gpu,warmup,tests,vit_step,torch,train` on any machine."]
+    if problems:
+        raise Failed("\n".join(lines))
+    return "\n".join(lines)
+
+
+# --- (f) PyTorch ---------------------------------------------------------------------------
 
 def torch_probe(timeout):
     """(version, has CUDA) of the PyTorch this Python imports; Skipped where it cannot."""
@@ -352,7 +473,7 @@ def torch_run(args, device, preset, batch, tf32, timeout):
     return "\n".join(lines)
 
 
-# --- (f) training on CIFAR-10 --------------------------------------------------------------
+# --- (g) training on CIFAR-10 --------------------------------------------------------------
 
 def has_cifar(folder):
     folder = pathlib.Path(folder)
@@ -408,8 +529,9 @@ def section_train(args, timeout):
 
 # --- the report ----------------------------------------------------------------------------
 
-RUNNERS = {"gpu": section_gpu, "warmup": section_warmup, "tests": section_tests, "vit_step": section_vit_step,
-           "torch": section_torch, "train": section_train}
+RUNNERS = {"gpu": section_gpu, "warmup": section_warmup, "tests": section_tests,
+           "vit_step": section_vit_step, "kernels": section_kernels, "torch": section_torch,
+           "train": section_train}
 
 
 def run_section(name, function, args, timeout):

@@ -151,10 +151,10 @@ def test_gpu_report_smoke_has_every_section(tmp_path):
     report = out.read_text()
     assert report.strip() == result.stdout.strip()
     sections = re.split(r"^## \d\. ", report, flags=re.MULTILINE)[1:]
-    assert len(sections) == 6
+    assert len(sections) == 7
     statuses = dict(re.findall(r"(\w+) (ok|skipped|failed)", report.strip().splitlines()[-1]))
-    assert list(statuses) == ["gpu", "warmup", "tests", "vit_step", "torch", "train"]
-    gpu, warmup, tests, vit_step, torch, train = sections
+    assert list(statuses) == ["gpu", "warmup", "tests", "vit_step", "kernels", "torch", "train"]
+    gpu, warmup, tests, vit_step, kernels, torch, train = sections
 
     if CUPY_REASON is None:                     # a GPU, or the stand-in
         assert statuses["gpu"] == "ok" and re.search(r"\| CuPy \| \d+\.\d+", gpu)
@@ -163,11 +163,14 @@ def test_gpu_report_smoke_has_every_section(tmp_path):
         assert re.search(r"\| CUDA runtime \| \d+\.\d+ \(\d+\)", gpu)
         step = re.search(r"A training step takes \*\*([\d.,]+) ms\*\*", vit_step)
         assert statuses["vit_step"] == "ok" and positive(step[1])
+        assert statuses["kernels"] == "ok", kernels
+        check_kernels_section(kernels)
     else:                                       # the failures are in the report, with the reason
         assert statuses["gpu"] == "failed" and "**Failed**: BackendError" in gpu
         assert statuses["warmup"] == "failed" and "exited with status 1" in warmup
         assert statuses["vit_step"] == "failed" and "exited with status 1" in vit_step
         assert "error: " in vit_step
+        assert statuses["kernels"] == "failed" and "**Failed**: BackendError" in kernels
 
     counts = re.search(r"\| passed \| failed \| errors \| skipped \| deselected \|\n.*\n"
                        r"\| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", tests)
@@ -194,11 +197,38 @@ def test_gpu_report_smoke_has_every_section(tmp_path):
         assert statuses["train"] == "failed" and "The end of its output" in train
 
 
+def check_kernels_section(text):
+    """The kernels section: a row per kernel of minivit/kernels that agrees with its
+    reference and has two positive times; on the stand-in, a training step's counts with
+    fewer launches and bytes with the kernels than without."""
+    import minivit  # noqa: F401  (defines every kernel)
+    from minivit import kernels
+    rows = dict((name, rest) for name, rest in
+                re.findall(r"^\| `(\w+)` \| \S+\.cu \| (.+) \|$", text, re.MULTILINE))
+    assert sorted(rows) == sorted(kernels.KERNELS), text
+    for name, rest in rows.items():
+        check, t_kernel, t_reference, speedup = rest.split(" | ")[1:]
+        assert check == "agrees", (name, rest)
+        positive(t_kernel), positive(t_reference)
+        assert positive(speedup.rstrip("x")) == pytest.approx(
+            float(t_reference) / float(t_kernel), rel=0.1, abs=0.1)
+    if backend.uses_standin():
+        counted = {name: (positive(launches), positive(mb)) for name, launches, mb in
+                   re.findall(r"^\| (with the kernels|MINIVIT_KERNELS=0) \| ([\d,]+) \| "
+                              r"([\d,]+) MB \|", text, re.MULTILINE)}
+        assert set(counted) == {"with the kernels", "MINIVIT_KERNELS=0"}, text
+        (launches, mb), (launches_off, mb_off) = counted["with the kernels"], counted[
+            "MINIVIT_KERNELS=0"]
+        assert launches < launches_off and mb < mb_off
+    else:
+        assert "come from the CuPy stand-in only" in text
+
+
 def test_gpu_report_without_data_skips_training_and_honours_skip(tmp_path):
-    result = run("benchmarks/gpu_report.py", "--smoke", "--skip", "gpu,warmup,tests,vit_step,torch",
-                 "--data-dir", tmp_path / "nothing")
+    result = run("benchmarks/gpu_report.py", "--smoke", "--skip",
+                 "gpu,warmup,tests,vit_step,kernels,torch", "--data-dir", tmp_path / "nothing")
     assert result.returncode == 0, result.stderr
-    assert "## 6. CIFAR-10 training run" in result.stdout
+    assert "## 7. CIFAR-10 training run" in result.stdout
     assert "Skipped: --data-dir" in result.stdout
     assert "holds no cifar-10-batches-py" in result.stdout
     assert "## 1." not in result.stdout
@@ -235,8 +265,8 @@ def test_a_program_past_its_timeout_is_stopped(tmp_path):
 
 def test_gpu_report_runs_where_git_is_missing(tmp_path):
     """A GPU machine may have no git binary: the header says the commit is unknown."""
-    result = run("benchmarks/gpu_report.py", "--smoke", "--skip", "warmup,tests,vit_step,torch,train",
-                 PATH=str(tmp_path))
+    result = run("benchmarks/gpu_report.py", "--smoke", "--skip",
+                 "warmup,tests,vit_step,kernels,torch,train", PATH=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d UTC on .*, minivit unknown;", result.stdout,
                      re.MULTILINE), result.stdout
@@ -265,3 +295,20 @@ def test_gpu_report_times_pytorch_in_fp32_and_with_tf32(monkeypatch):
     assert calls == [(False, None), (True, "1")]
     assert "batch 256, fp32, timed" in text and "batch 256, TF32 matrix products" in text
     assert "| minivit (CuPy) | 100 |" in text and "| minivit (CuPy) | 200 |" in text
+
+
+def test_a_kernel_that_differs_fails_the_kernels_section(standin, monkeypatch):
+    """A kernel that disagrees with its reference is named in a failed kernels section."""
+    import minivit  # noqa: F401
+    from minivit import kernels
+    gpu_report = load_gpu_report()
+    kernel = kernels.KERNELS["gelu_erf_forward"]
+    monkeypatch.setattr(kernel, "run", lambda x: kernel.reference(x) + 1)
+    monkeypatch.setattr(gpu_report, "step_counts", lambda preset, batch: {
+        s: {"launches": 1, "bytes": 1, "hidden_copies": 0, "reads": 0} for s in ("1", "0")})
+    with pytest.raises(gpu_report.Failed) as failed:
+        gpu_report.section_kernels(gpu_report.parse_args(["--smoke"]), 60)
+    text = str(failed.value)
+    assert "| `gelu_erf_forward` | gelu.cu | 8320x384 | **differs** |" in text
+    assert "- `gelu_erf_forward`: output 0 differs from the reference by up to 1" in text
+    assert "| `gelu_erf_backward` | gelu.cu | 8320x384, 8320x384 | agrees |" in text

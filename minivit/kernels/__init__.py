@@ -20,6 +20,8 @@ replaces (minivit/fast.py), defined where that reference lives:
   one launch it would be, with its inputs plus outputs as its bytes.
 - Kernels take float32 CUDA arrays, what training runs in.  For anything else, and with
   MINIVIT_KERNELS=0 or MINIVIT_REFERENCE=1, the reference runs.
+- Each kernel has an example input at a training-like size (`example(xp) -> args`), on
+  which the GPU tests compare it with its reference and benchmarks/gpu_report.py times it.
 """
 import os
 import pathlib
@@ -72,6 +74,13 @@ def leading(*positions, n=8):
     return sample
 
 
+def normal(xp, *shapes, seed=0):
+    """An `example` helper: float32 standard normal arrays of these shapes on xp's device,
+    the same every time (a fixed seed)."""
+    rng = xp.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape, dtype="float32") for shape in shapes)
+
+
 def _arrays(result):
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
@@ -82,13 +91,17 @@ class Kernel:
     launch(*args) and reference(*args) take the same arguments and return the same
     arrays (a tuple if several; a kernel that writes in place returns what it wrote).
     sample(args) -> a small copy of args for the self-check; rtol/atol: how closely the
-    kernel must match the reference there (float32 arithmetic in another order)."""
+    kernel must match the reference there (float32 arithmetic in another order).
+    example(xp) -> args: an input at a training-like size on xp's device, for the GPU
+    tests and benchmarks/gpu_report.py."""
 
-    def __init__(self, name, file, launch, reference, sample=None, rtol=1e-4, atol=1e-5):
+    def __init__(self, name, file, launch, reference, sample=None, rtol=1e-4, atol=1e-5,
+                 example=None):
         self.name, self.file = name, file
         self.launch, self.reference = launch, reference
         self.sample = sample or leading(0)
         self.rtol, self.atol = rtol, atol
+        self.example = example
         self.status = None            # None: not checked yet; "ok"; or why it is off
         KERNELS[name] = self
 
@@ -108,28 +121,42 @@ class Kernel:
             return backend.as_one_kernel(self.reference, *args)
         return self.launch(*args)
 
+    def compare(self, args):
+        """Kernel and reference on `args`: None when they agree within rtol/atol, else what
+        differs.  One device read when they agree, whatever the number of outputs; a
+        kernel that fails to compile or launch raises."""
+        got = _arrays(self.run(*args))
+        want = _arrays(self.reference(*args))
+        if len(got) != len(want):
+            return f"{len(got)} outputs, the reference gives {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g.shape != w.shape:
+                return f"output {i} has shape {g.shape}, the reference's {w.shape}"
+        xp = backend.array_module(want[0])
+        close = [xp.allclose(g, w, rtol=self.rtol, atol=self.atol) for g, w in zip(got, want)]
+        agree = close[0]
+        for c in close[1:]:
+            agree = agree & c
+        if bool(agree):
+            return None
+        for i, (g, w, c) in enumerate(zip(got, want, close)):
+            if not bool(c):
+                worst = float(xp.max(xp.abs(g.astype("float64") - w)))
+                return (f"output {i} differs from the reference by up to {worst:.3g} "
+                        f"(tolerance rtol {self.rtol:g}, atol {self.atol:g})")
+        return "the outputs differ from the reference"
+
     def check(self, args):
         """The self-check: kernel and reference on a small slice of `args`, on the device.
         Sets status to "ok", or turns the kernel off with one warning line."""
         try:
-            got = _arrays(self.run(*self.sample(args)))
-            want = _arrays(self.reference(*self.sample(args)))
-            xp = backend.array_module(want[0])
-            for i, (g, w) in enumerate(zip(got, want)):
-                if g.shape != w.shape:
-                    raise ValueError(f"output {i} has shape {g.shape}, the reference's "
-                                     f"{w.shape}")
-                if not bool(xp.allclose(g, w, rtol=self.rtol, atol=self.atol)):
-                    worst = float(xp.max(xp.abs(g.astype("float64") - w)))
-                    raise ValueError(f"output {i} differs from the reference by up to "
-                                     f"{worst:.3g} (tolerance rtol {self.rtol:g}, atol "
-                                     f"{self.atol:g})")
-            if len(got) != len(want):
-                raise ValueError(f"{len(got)} outputs, the reference gives {len(want)}")
-        except Exception as e:  # compile errors, launch errors, wrong answers alike
-            self._turn_off(f"{type(e).__name__}: {e}")
-            return
-        self.status = "ok"
+            problem = self.compare(self.sample(args))
+        except Exception as e:  # compile errors, launch errors alike
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            self.status = "ok"
+        else:
+            self._turn_off(problem)
 
     def _turn_off(self, reason):
         self.status = reason.splitlines()[0] if reason else "failed"

@@ -2,6 +2,7 @@
 
     python -m minivit.kernels --compile-only            # sm_80, sm_90 and sm_100
     python -m minivit.kernels --compile-only --arch 90
+    python -m minivit.kernels --compile-only --folder DIR   # the .cu sources of DIR
 
 CuPy's own compile calls ask for a GPU first, so this goes to NVRTC itself (ctypes), found
 in the nvidia-cuda-nvrtc-cu12 wheel (the "test" extra installs it), in CuPy's CUDA
@@ -13,6 +14,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import pathlib
 import re
 import sys
 
@@ -88,13 +90,14 @@ def compile_source(nvrtc, source, name, arch):
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
 
-def compile_all(architectures=ARCHITECTURES, out=sys.stdout):
-    """Compile every source for every architecture, printing a line per kernel; the number
-    of failures."""
+def compile_all(architectures=ARCHITECTURES, out=None, folder=None):
+    """Compile every source in `folder` (default: minivit/kernels) for every architecture,
+    printing a line per kernel to `out` (default: stdout); the number of failures."""
+    out = out or sys.stdout
     nvrtc, path = find_nvrtc()
     print(f"NVRTC {nvrtc_version(nvrtc)} ({path}), options {' '.join(OPTIONS)}", file=out)
     failures = 0
-    for file in sorted(FOLDER.glob("*.cu")):
+    for file in sorted(pathlib.Path(folder or FOLDER).glob("*.cu")):
         source = file.read_text()
         for arch in architectures:
             cubin, log = compile_source(nvrtc, source, file.name, arch)
@@ -122,9 +125,11 @@ def main(argv=None):
                         help="compile every kernel source, run nothing (no GPU needed)")
     parser.add_argument("--arch", action="append", choices=ARCHITECTURES,
                         help="a compute capability to compile for (repeatable; default: all)")
+    parser.add_argument("--folder", default=str(FOLDER),
+                        help="the folder of .cu sources (default: minivit/kernels)")
     args = parser.parse_args(argv)
     try:
-        failures = compile_all(args.arch or ARCHITECTURES)
+        failures = compile_all(args.arch or ARCHITECTURES, folder=args.folder)
     except OSError as e:
         print(f"python -m minivit.kernels: {e}", file=sys.stderr)
         return 2

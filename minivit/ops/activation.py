@@ -62,15 +62,15 @@ from minivit.kernels import gelu as _gelu_cuda  # noqa: E402
 
 GELU_KERNELS = {
     "erf": (kernels.Kernel("gelu_erf_forward", "gelu.cu", _gelu_cuda.erf_forward,
-                           lambda x: gelu_erf(x)[0]),
+                           lambda x: gelu_erf(x)[0], example=_gelu_cuda.example_forward),
             kernels.Kernel("gelu_erf_backward", "gelu.cu", _gelu_cuda.erf_backward,
                            lambda g, x: gelu_erf_backward(g, x, gelu_erf(x)[1]),
-                           sample=kernels.leading(0, 1))),
+                           sample=kernels.leading(0, 1), example=_gelu_cuda.example_backward)),
     "tanh": (kernels.Kernel("gelu_tanh_forward", "gelu.cu", _gelu_cuda.tanh_forward,
-                            lambda x: gelu_tanh(x)[0]),
+                            lambda x: gelu_tanh(x)[0], example=_gelu_cuda.example_forward),
              kernels.Kernel("gelu_tanh_backward", "gelu.cu", _gelu_cuda.tanh_backward,
                             lambda g, x: gelu_tanh_backward(g, x, gelu_tanh(x)[1]),
-                            sample=kernels.leading(0, 1))),
+                            sample=kernels.leading(0, 1), example=_gelu_cuda.example_backward)),
 }
 
 
