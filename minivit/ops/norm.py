@@ -1,6 +1,7 @@
 """Layer normalisation, the LN of every Transformer block in ViT (Eq. 2-4)."""
-from minivit import backend
+from minivit import backend, kernels
 from minivit.autograd import Function
+from minivit.kernels import layernorm as _layernorm_cuda
 from minivit.ops.basic import column_sum, row_mean
 
 array_module = backend.array_module
@@ -22,10 +23,13 @@ class LayerNorm(Function):
         dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma.
     The two means remove from g its component along the all-ones vector (what mu
     absorbs) and along x_hat (what sigma absorbs).
+
+    On the GPU (float32 arrays) both passes are CUDA kernels (layernorm.cu, below), which
+    keep mu and 1/sigma per row and recompute x_hat from x in the backward.
     """
 
-    def __init__(self, eps=1e-6):
-        self.eps = eps
+    def __init__(self, eps=1e-6, kernel=True):
+        self.eps, self.kernel = eps, kernel           # kernel=False: the reference only
 
     def forward(self, x, gamma, beta):
         if x.ndim == 0:
@@ -36,6 +40,10 @@ class LayerNorm(Function):
                 raise ValueError(f"layer_norm: {name} must have shape ({d},), the size of the "
                                  f"last axis of x (shape {tuple(x.shape)}), got "
                                  f"{tuple(p.shape)}")
+        if self.kernel and kernels.usable(x, gamma, beta) and d <= _layernorm_cuda.MAX_WIDTH:
+            self.x, self.gamma, self.x_hat = x, gamma, None
+            y, self.mu, self.inv_sigma = LAYER_NORM_FORWARD(x, gamma, beta, self.eps)
+            return y
         xp = array_module(x)
         centred = x - row_mean(x, keepdims=True)                      # x - mu
         sigma = xp.sqrt(row_mean(centred * centred, keepdims=True) + self.eps)
@@ -48,6 +56,8 @@ class LayerNorm(Function):
         return y
 
     def backward(self, dy):
+        if self.x_hat is None:
+            return LAYER_NORM_BACKWARD(dy, self.x, self.gamma, self.mu, self.inv_sigma)
         x_hat = self.x_hat
         g = dy * self.gamma                                   # dL/dx_hat
         dx = g - row_mean(g, keepdims=True)                   # dx = (g - mean(g)
@@ -57,6 +67,33 @@ class LayerNorm(Function):
         dbeta = column_sum(dy)
         return tuple(grad.astype(dtype, copy=False)
                      for grad, dtype in zip((dx, dgamma, dbeta), self.dtypes))
+
+
+# Fast path (GPU): the forward as one kernel that keeps mu and 1/sigma per row (not
+# x_hat), the backward as two (dx per row, then the sums of dgamma and dbeta over rows),
+# recomputing x_hat from x.  Their references are LayerNorm's own forward and backward.
+
+def _forward_reference(x, gamma, beta, eps):
+    """(y, mu, 1/sigma) with mu and 1/sigma of shape x.shape[:-1], by LayerNorm.forward."""
+    fn = LayerNorm(eps, kernel=False)
+    y = fn.forward(x, gamma, beta)
+    return y, row_mean(x), fn.inv_sigma[..., 0]
+
+
+def _backward_reference(dy, x, gamma, mu, inv_sigma):
+    """(dx, dgamma, dbeta) by LayerNorm.backward, x_hat recomputed from x, mu, 1/sigma."""
+    fn = LayerNorm(kernel=False)
+    fn.x_hat = (x - mu[..., None]) * inv_sigma[..., None]
+    fn.inv_sigma, fn.gamma = inv_sigma[..., None], gamma
+    fn.dtypes = x.dtype, gamma.dtype, gamma.dtype
+    return fn.backward(dy)
+
+
+LAYER_NORM_FORWARD = kernels.Kernel("layernorm_forward", "layernorm.cu",
+                                    _layernorm_cuda.forward, _forward_reference)
+LAYER_NORM_BACKWARD = kernels.Kernel("layernorm_backward", "layernorm.cu",
+                                     _layernorm_cuda.backward, _backward_reference,
+                                     sample=kernels.leading(0, 1, 3, 4))
 
 
 def layer_norm(x, gamma, beta, eps=1e-6):
