@@ -1,0 +1,29 @@
+"""Launchers of softmax.cu's kernels: attention's row softmax of c S and its backward."""
+from minivit import backend
+from minivit.kernels import function
+
+MAX_LENGTH = 1024         # the longest row a warp holds in registers (MAX_PER_LANE * 32)
+THREADS = 256             # 8 warps a block, one row per warp at a time
+ROWS_PER_BLOCK = THREADS // 32
+
+
+def _launch(name, arrays, scale):
+    xp = backend.array_module(arrays[0])
+    arrays = [xp.ascontiguousarray(a) for a in arrays]
+    out = xp.empty_like(arrays[0])
+    t = out.shape[-1]
+    rows = out.size // max(t, 1)
+    grid = (max(min((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 65535), 1),)
+    function("softmax.cu", name)(grid, (THREADS,), (*arrays, out, xp.float32(scale),
+                                                    xp.int64(rows), xp.int32(t)))
+    return out
+
+
+def forward(s, scale):
+    """A = softmax(scale * s) over the last axis."""
+    return _launch("attention_softmax_forward", [s], scale)
+
+
+def backward(da, a, scale):
+    """dS = scale * A * (dA - sum(dA * A, last axis))."""
+    return _launch("attention_softmax_backward", [da, a], scale)
