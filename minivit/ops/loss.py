@@ -3,8 +3,9 @@
 The head maps the [CLS] representation y = LN(z_L^0) (Eq. 4) to K logits z; training
 minimises the cross-entropy between softmax(z) and the label.
 """
-from minivit import backend
+from minivit import backend, kernels
 from minivit.autograd import Function, Tensor
+from minivit.kernels import loss as _loss_cuda
 from minivit.ops.activation import log_softmax_array
 
 array_module = backend.array_module
@@ -37,6 +38,54 @@ class CrossEntropy(Function):
 
     def backward(self, g):
         return g * (self.p - self.t) / self.p.shape[0]
+
+
+def _label_targets(labels, k, label_smoothing, dtype):
+    """(t, valid): the (B, K) targets of integer labels, one-hot then label-smoothed, and
+    whether every label is a class index (a 0-d boolean array on the labels' device)."""
+    xp = array_module(labels)
+    t = (labels[:, None] == xp.arange(k)).astype(dtype)          # one-hot; 0 for a bad label
+    valid = t.sum() == labels.shape[0]
+    if label_smoothing:
+        t = (1 - label_smoothing) * t + label_smoothing / k
+    return t, valid
+
+
+def _forward_reference(z, labels, label_smoothing):
+    """The loss of integer labels, NaN if one is out of range: CrossEntropy.forward."""
+    t, valid = _label_targets(labels, z.shape[1], label_smoothing, z.dtype)
+    return CrossEntropy(t, valid).forward(z)
+
+
+def _backward_reference(z, labels, label_smoothing, g):
+    """dz = g (softmax(z) - t) / B: CrossEntropy.backward."""
+    fn = CrossEntropy(_label_targets(labels, z.shape[1], label_smoothing, z.dtype)[0])
+    fn.forward(z)
+    return fn.backward(g)
+
+
+# Fast path (GPU): the loss of integer labels as one kernel each way, which builds the
+# smoothed target itself and keeps nothing: the backward recomputes softmax(z) from z.
+CROSS_ENTROPY_FORWARD = kernels.Kernel("cross_entropy_forward", "loss.cu",
+                                       _loss_cuda.forward, _forward_reference,
+                                       sample=kernels.leading(0, 1))
+CROSS_ENTROPY_BACKWARD = kernels.Kernel("cross_entropy_backward", "loss.cu",
+                                        _loss_cuda.backward, _backward_reference,
+                                        sample=kernels.leading(0, 1))
+
+
+class LabelCrossEntropy(Function):
+    """CrossEntropy of integer labels with label smoothing s, by the two kernels above."""
+
+    def __init__(self, labels, label_smoothing):
+        self.labels, self.s = labels, label_smoothing
+
+    def forward(self, z):
+        self.z = z
+        return CROSS_ENTROPY_FORWARD(z, self.labels, self.s)
+
+    def backward(self, g):
+        return CROSS_ENTROPY_BACKWARD(self.z, self.labels, self.s, g)
 
 
 def _logits_array(name, logits):
@@ -106,14 +155,16 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     labels = _labels_array("cross_entropy", labels, z)
     xp = array_module(z)
     b, k = z.shape
+    if labels.ndim == 1 and kernels.usable(z):
+        return LabelCrossEntropy(labels, label_smoothing)(logits)
     if labels.ndim == 1:
-        t = (labels[:, None] == xp.arange(k)).astype(z.dtype)    # one-hot; 0 for a bad label
-        valid = t.sum() == b if on_gpu else None
+        t, valid = _label_targets(labels, k, label_smoothing, z.dtype)
+        valid = valid if on_gpu else None
     else:
         t = labels.astype(z.dtype, copy=False)
         valid = (xp.abs(t.sum(axis=-1) - 1) <= 1e-3).all() if on_gpu else None
-    if label_smoothing:
-        t = (1 - label_smoothing) * t + label_smoothing / k
+        if label_smoothing:
+            t = (1 - label_smoothing) * t + label_smoothing / k
     return CrossEntropy(t, valid)(logits)
 
 

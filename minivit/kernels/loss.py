@@ -1,0 +1,35 @@
+"""Launchers of loss.cu's kernels: cross-entropy of integer labels with label smoothing."""
+from minivit import backend
+from minivit.kernels import function
+
+THREADS = 256             # 8 warps a block
+ROWS_PER_BLOCK = THREADS // 32
+
+
+def _inputs(z, labels):
+    xp = backend.array_module(z)
+    return xp, xp.ascontiguousarray(z), xp.ascontiguousarray(labels.astype("int64", copy=False))
+
+
+def forward(z, labels, smoothing):
+    """The mean over rows of the smoothed cross-entropy, a 0-d array (NaN for a bad label)."""
+    xp, z, labels = _inputs(z, labels)
+    rows, k = z.shape
+    loss = xp.empty(1, dtype=z.dtype)
+    function("loss.cu", "cross_entropy_forward")(
+        (1,), (THREADS,), (z, labels, loss, xp.float32(smoothing), xp.int64(rows),
+                           xp.int32(k)))
+    return loss.reshape(())
+
+
+def backward(z, labels, smoothing, g):
+    """dz = g (softmax(z) - t) / rows, t the smoothed one-hot targets."""
+    xp, z, labels = _inputs(z, labels)
+    rows, k = z.shape
+    grad = xp.ascontiguousarray(xp.asarray(g, dtype=z.dtype).reshape(1))
+    dz = xp.empty_like(z)
+    grid = (max(min((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 65535), 1),)
+    function("loss.cu", "cross_entropy_backward")(
+        grid, (THREADS,), (z, labels, grad, dz, xp.float32(smoothing), xp.int64(rows),
+                           xp.int32(k)))
+    return dz
