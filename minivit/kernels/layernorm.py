@@ -46,3 +46,25 @@ def backward(dy, x, gamma, mean, rstd):
         ((2 * d + THREADS - 1) // THREADS,), (THREADS,), (partial, sums, xp.int32(blocks),
                                                          xp.int32(d)))
     return dx.reshape(x.shape), sums[:d], sums[d:]
+
+
+# Inputs at a training-like size (cifar-small at batch 128: 65 tokens of width 192), for
+# the GPU tests and timings.
+
+TOKENS = (128, 65, 192)
+
+
+def _normal(xp, *shapes):
+    rng = xp.random.default_rng(0)
+    return tuple(rng.standard_normal(shape, dtype="float32") for shape in shapes)
+
+
+def example_forward(xp):
+    """x, gamma, beta, eps: a LayerNorm's input in a training step."""
+    return (*_normal(xp, TOKENS, TOKENS[-1:], TOKENS[-1:]), 1e-6)
+
+
+def example_backward(xp):
+    """dy, x, gamma, mu, 1/sigma."""
+    dy, x, gamma, mu, s = _normal(xp, TOKENS, TOKENS, TOKENS[-1:], TOKENS[:-1], TOKENS[:-1])
+    return dy, x, gamma, mu, xp.abs(s) + 0.5

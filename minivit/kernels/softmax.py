@@ -27,3 +27,27 @@ def forward(s, scale):
 def backward(da, a, scale):
     """dS = scale * A * (dA - sum(dA * A, last axis))."""
     return _launch("attention_softmax_backward", [da, a], scale)
+
+
+# Inputs at a training-like size (cifar-small at batch 128: 3 heads, 65 tokens, D_h 64),
+# for the GPU tests and timings.
+
+SCORES = (128, 3, 65, 65)
+SCALE = 64 ** -0.5
+
+
+def _normal(xp, *shapes):
+    rng = xp.random.default_rng(0)
+    return tuple(rng.standard_normal(shape, dtype="float32") for shape in shapes)
+
+
+def example_forward(xp):
+    """S, c: the scores of a training step and 1 / sqrt(D_h)."""
+    return (*_normal(xp, SCORES), SCALE)
+
+
+def example_backward(xp):
+    """dA, A, c (A's rows positive, summing to 1)."""
+    da, s = _normal(xp, SCORES, SCORES)
+    a = xp.exp(s)
+    return da, a / a.sum(axis=-1, keepdims=True), SCALE

@@ -40,12 +40,13 @@ class CrossEntropy(Function):
         return g * (self.p - self.t) / self.p.shape[0]
 
 
-def _label_targets(labels, k, label_smoothing, dtype):
+def _label_targets(labels, k, label_smoothing, dtype, check=True):
     """(t, valid): the (B, K) targets of integer labels, one-hot then label-smoothed, and
-    whether every label is a class index (a 0-d boolean array on the labels' device)."""
+    whether every label is a class index (a 0-d boolean array on the labels' device; None
+    with check=False)."""
     xp = array_module(labels)
     t = (labels[:, None] == xp.arange(k)).astype(dtype)          # one-hot; 0 for a bad label
-    valid = t.sum() == labels.shape[0]
+    valid = t.sum() == labels.shape[0] if check else None
     if label_smoothing:
         t = (1 - label_smoothing) * t + label_smoothing / k
     return t, valid
@@ -59,7 +60,7 @@ def _forward_reference(z, labels, label_smoothing):
 
 def _backward_reference(z, labels, label_smoothing, g):
     """dz = g (softmax(z) - t) / B: CrossEntropy.backward."""
-    fn = CrossEntropy(_label_targets(labels, z.shape[1], label_smoothing, z.dtype)[0])
+    fn = CrossEntropy(_label_targets(labels, z.shape[1], label_smoothing, z.dtype, False)[0])
     fn.forward(z)
     return fn.backward(g)
 
@@ -158,8 +159,7 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     if labels.ndim == 1 and kernels.usable(z):
         return LabelCrossEntropy(labels, label_smoothing)(logits)
     if labels.ndim == 1:
-        t, valid = _label_targets(labels, k, label_smoothing, z.dtype)
-        valid = valid if on_gpu else None
+        t, valid = _label_targets(labels, k, label_smoothing, z.dtype, check=on_gpu)
     else:
         t = labels.astype(z.dtype, copy=False)
         valid = (xp.abs(t.sum(axis=-1) - 1) <= 1e-3).all() if on_gpu else None
