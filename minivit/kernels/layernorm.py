@@ -2,7 +2,12 @@
 from minivit import backend
 from minivit.kernels import function
 
-MAX_WIDTH = 1024          # the widest row a warp holds in registers (MAX_PER_LANE * 32)
+MAX_WIDTH = 1024          # the widest row a warp holds in registers (32 values a lane)
+
+
+def _width(d):
+    """The kernels' suffix for rows d wide: _256 (8 values a lane) or _1024 (32)."""
+    return "_256" if d <= 256 else "_1024"
 THREADS = 256             # 8 warps a block, one row per warp at a time
 ROWS_PER_BLOCK = THREADS // 32
 MAX_BLOCKS = 512          # the backward's partial sums: at most this many blocks
@@ -22,7 +27,7 @@ def forward(x, gamma, beta, eps):
     mean = xp.empty(n, dtype=rows.dtype)
     rstd = xp.empty(n, dtype=rows.dtype)
     grid = (max(min((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 65535), 1),)
-    function("layernorm.cu", "layernorm_forward")(
+    function("layernorm.cu", "layernorm_forward" + _width(d))(
         grid, (THREADS,), (rows, xp.ascontiguousarray(gamma), xp.ascontiguousarray(beta),
                            y, mean, rstd, xp.int64(n), xp.int32(d), xp.float32(eps)))
     lead = x.shape[:-1]
@@ -37,7 +42,7 @@ def backward(dy, x, gamma, mean, rstd):
     dx = xp.empty_like(rows)
     blocks = max(min((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, MAX_BLOCKS), 1)
     partial = xp.empty((blocks, 2, d), dtype=rows.dtype)
-    function("layernorm.cu", "layernorm_backward")(
+    function("layernorm.cu", "layernorm_backward" + _width(d))(
         (blocks,), (THREADS,), (dy_rows, rows, xp.ascontiguousarray(gamma),
                                 xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd),
                                 dx, partial, xp.int64(n), xp.int32(d)))

@@ -2,7 +2,7 @@
 from minivit import backend
 from minivit.kernels import function
 
-MAX_LENGTH = 1024         # the longest row a warp holds in registers (MAX_PER_LANE * 32)
+MAX_LENGTH = 1024         # the longest row a warp holds in registers (32 values a lane)
 THREADS = 256             # 8 warps a block, one row per warp at a time
 ROWS_PER_BLOCK = THREADS // 32
 
@@ -14,6 +14,7 @@ def _launch(name, arrays, scale):
     t = out.shape[-1]
     rows = out.size // max(t, 1)
     grid = (max(min((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, 65535), 1),)
+    name += "_256" if t <= 256 else "_1024"          # 8 or 32 values a lane
     function("softmax.cu", name)(grid, (THREADS,), (*arrays, out, xp.float32(scale),
                                                     xp.int64(rows), xp.int32(t)))
     return out
