@@ -28,16 +28,27 @@ class CrossEntropy(Function):
         self.t, self.valid = targets, valid
 
     def forward(self, z):
-        xp = array_module(z)
-        log_p = log_softmax_array(z, axis=-1)
-        self.p = xp.exp(log_p)
-        loss = -(self.t * log_p).sum() / z.shape[0]
-        if self.valid is not None:
-            loss = xp.where(self.valid, loss, xp.nan).astype(loss.dtype)
+        loss, self.p = cross_entropy_forward(z, self.t, self.valid)
         return loss
 
     def backward(self, g):
-        return g * (self.p - self.t) / self.p.shape[0]
+        return cross_entropy_backward(g, self.p, self.t)
+
+
+def cross_entropy_forward(z, t, valid=None):
+    """CrossEntropy's forward on raw arrays: (loss, p = softmax(z))."""
+    xp = array_module(z)
+    log_p = log_softmax_array(z, axis=-1)
+    p = xp.exp(log_p)
+    loss = -(t * log_p).sum() / z.shape[0]
+    if valid is not None:
+        loss = xp.where(valid, loss, xp.nan).astype(loss.dtype)
+    return loss, p
+
+
+def cross_entropy_backward(g, p, t):
+    """CrossEntropy's backward on raw arrays: dz = g (p - t) / B."""
+    return g * (p - t) / p.shape[0]
 
 
 def _label_targets(labels, k, label_smoothing, dtype, check=True):
@@ -53,16 +64,15 @@ def _label_targets(labels, k, label_smoothing, dtype, check=True):
 
 
 def _forward_reference(z, labels, label_smoothing):
-    """The loss of integer labels, NaN if one is out of range: CrossEntropy.forward."""
+    """The loss of integer labels, NaN if one is out of range."""
     t, valid = _label_targets(labels, z.shape[1], label_smoothing, z.dtype)
-    return CrossEntropy(t, valid).forward(z)
+    return cross_entropy_forward(z, t, valid)[0]
 
 
 def _backward_reference(z, labels, label_smoothing, g):
-    """dz = g (softmax(z) - t) / B: CrossEntropy.backward."""
-    fn = CrossEntropy(_label_targets(labels, z.shape[1], label_smoothing, z.dtype, False)[0])
-    fn.forward(z)
-    return fn.backward(g)
+    """dz = g (softmax(z) - t) / B."""
+    t = _label_targets(labels, z.shape[1], label_smoothing, z.dtype, check=False)[0]
+    return cross_entropy_backward(g, cross_entropy_forward(z, t)[1], t)
 
 
 # Fast path (GPU): the loss of integer labels as one kernel each way, which builds the
