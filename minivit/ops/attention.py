@@ -162,17 +162,18 @@ class FusedSelfAttention(Function):
         g = g.reshape(B, T, heads, D_h)
         g_heads = xp.ascontiguousarray(g.transpose(0, 2, 1, 3))              # (B, heads, T, D_h)
         g_heads_t = xp.ascontiguousarray(g.transpose(0, 2, 3, 1))            # (B, heads, D_h, T)
-        dv_t = g_heads_t @ (a if self.mask is None else a * self.mask)       # dv^T = g^T A'
+        dkv_t = xp.empty((2, B, heads, D_h, T), dtype=g.dtype)               # dk^T, dv^T
+        xp.matmul(g_heads_t, a if self.mask is None else a * self.mask,
+                  out=dkv_t[1])                                              # dv^T = g^T A'
         da = g_heads @ v_t                                                   # dA' = g v^T
         if self.mask is not None:
             da *= self.mask
         ds = _scaled_softmax_backward(da, a, self.scale)                     # c dS
         dq = ds @ k                                                          # c dS k
-        dk_t = q_t @ ds                                                      # c q^T dS
+        xp.matmul(q_t, ds, out=dkv_t[0])                                     # c q^T dS
         dqkv = xp.empty((B, T, 3, heads, D_h), dtype=g.dtype)
         dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
-        dqkv[:, :, 1] = dk_t.transpose(0, 3, 1, 2)
-        dqkv[:, :, 2] = dv_t.transpose(0, 3, 1, 2)
+        dqkv[:, :, 1:] = dkv_t.transpose(1, 4, 0, 2, 3)
         return dqkv.reshape(B, T, 3 * heads * D_h)                           # [dq | dk | dv]
 
 
