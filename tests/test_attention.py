@@ -31,6 +31,16 @@ check, in order:
     attention -> merge_heads in values, weights and gradient
     (test_self_attention_equals_split_attention_merge), and passes a gradient check
     (test_gradcheck_self_attention).
+12. On CuPy the fused node lays q, k, v out C-contiguous (and transposed) so no batched
+    product copies an operand, and float32 runs the scaled softmax and its backward as
+    CUDA kernels (minivit/kernels/softmax.cu).  On the stand-in (a kernel runs its
+    reference there) it gives the reference path's output, weights and gradient, with a
+    mask too and with kernels off (test_gpu_attention_equals_the_reference_path); it
+    takes 6 launches forward and 9 backward and makes no hidden copies
+    (test_gpu_attention_launches_and_no_hidden_copies); with MINIVIT_KERNELS=0 the
+    softmax reference runs (test_minivit_kernels_0_runs_the_softmax_reference).  On a
+    real GPU the kernels equal their references for rows of 65, 197 and 577
+    (test_softmax_kernels_equal_their_references_on_a_gpu).
 
 Then float32 staying float32 and the errors for inputs of the wrong shape or type.  The
 independent loop definitions are in tests/reference.py.
@@ -44,7 +54,7 @@ import minivit as mv
 from minivit.ops.attention import (ScaledDotProductAttention, attention, merge_heads,
                                    multi_head_attention, self_attention, split_heads)
 
-from conftest import as_numpy, numpy_grad
+from conftest import STANDIN, as_numpy, numpy_grad, require_cupy
 from reference import loop_attention, loop_mha, softmax
 
 
@@ -380,3 +390,94 @@ def test_self_attention_errors(device):
     with pytest.raises(ValueError, match=r"dropout_mask has shape \(2, 3, 5, 5\), expected "
                                          r"the attention weights' shape \(2, 2, 5, 5\)"):
         self_attention(t(np.ones((2, 5, 18)), device), 2, on(device, np.ones((2, 3, 5, 5))))
+
+
+# --- the GPU path: contiguous heads and the softmax kernels ------------------------------
+
+from minivit import backend, kernels  # noqa: E402
+from minivit.kernels import softmax as softmax_cuda  # noqa: E402
+from minivit.ops import attention as attention_module  # noqa: E402
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """Kernels on for this test, whatever MINIVIT_KERNELS says outside it."""
+    monkeypatch.setenv("MINIVIT_KERNELS", "1")
+    if not kernels.on():
+        pytest.skip("kernels are off (MINIVIT_REFERENCE=1)")
+
+
+def _f32(rng, shape):
+    return backend.asarray(rng.standard_normal(shape).astype(np.float32), device="cuda")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("use_kernels", ["1", "0"])
+def test_gpu_attention_equals_the_reference_path(standin, monkeypatch, masked, use_kernels):
+    monkeypatch.setenv("MINIVIT_KERNELS", use_kernels)
+    rng = np.random.default_rng(0)
+    B, T, heads, D = 2, 7, 3, 12
+    qkv, g = _f32(rng, (B, T, 3 * D)), _f32(rng, (B, T, D))
+    mask = (backend.asarray((rng.random((B, heads, T, T)) > 0.3).astype(np.float32) / 0.7,
+                            device="cuda") if masked else None)
+    fused = attention_module.FusedSelfAttention(heads, mask)
+    out, dqkv = fused.forward(qkv), fused.backward(g)
+    t = mv.tensor(qkv, requires_grad=True, device="cuda")
+    q, k, v = (attention_module.split_heads(t[..., i * D:(i + 1) * D], heads) for i in range(3))
+    ref = ScaledDotProductAttention(mask)
+    want = attention_module.merge_heads(ref(q, k, v))
+    want.backward(g)
+    for got, expected in ((out, want.data), (fused.weights, ref.weights), (dqkv, t.grad)):
+        np.testing.assert_allclose(as_numpy(got), as_numpy(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_attention_launches_and_no_hidden_copies(standin, kernels_on):
+    rng = np.random.default_rng(1)
+    qkv, g = _f32(rng, (2, 9, 36)), _f32(rng, (2, 9, 12))
+    fn = attention_module.FusedSelfAttention(2)
+    fn.forward(qkv), fn.backward(g)                    # the first calls check the kernels
+    standin.reset()
+    fn = attention_module.FusedSelfAttention(2)
+    fn.forward(qkv)
+    forward = standin.counts()
+    standin.reset()
+    fn.backward(g)
+    backward = standin.counts()
+    # forward: 2 layout copies, q k^T, the softmax kernel, A v, the merge of the heads;
+    # backward: 2 copies of g, 4 products, the softmax kernel, 2 writes into dqkv (dk and
+    # dv are computed transposed into one buffer)
+    assert (forward["launches"], backward["launches"]) == (6, 9)
+    assert forward["hidden_copies"] == backward["hidden_copies"] == 0
+    assert attention_module.SOFTMAX_FORWARD.status == "ok"
+    assert attention_module.SOFTMAX_BACKWARD.status == "ok"
+
+
+def test_minivit_kernels_0_runs_the_softmax_reference(standin, monkeypatch):
+    rng = np.random.default_rng(2)
+    s = _f32(rng, (2, 3, 5, 5))
+    monkeypatch.setenv("MINIVIT_KERNELS", "0")
+    attention_module._scaled_softmax(s, 0.5)
+    assert standin.counts()["launches"] > 1
+    monkeypatch.setenv("MINIVIT_KERNELS", "1")
+    if kernels.on():
+        attention_module._scaled_softmax(s, 0.5)            # the self-check on first use
+        standin.reset()
+        attention_module._scaled_softmax(s, 0.5)
+        assert standin.counts()["launches"] == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 65, 65), (1, 2, 197, 197), (1, 1, 577, 577),
+                                   (3, 1, 5, 33)])
+def test_softmax_kernels_equal_their_references_on_a_gpu(shape, kernels_on):
+    require_cupy()
+    if STANDIN:
+        pytest.skip("runs the CUDA kernels themselves: needs a real GPU")
+    rng = np.random.default_rng(3)
+    s, da = 4 * _f32(rng, shape), _f32(rng, shape)
+    c = 1 / math.sqrt(64)
+    a = softmax_cuda.forward(s, c)
+    np.testing.assert_allclose(as_numpy(a), as_numpy(attention_module._softmax_reference(s, c)),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(as_numpy(softmax_cuda.backward(da, a, c)),
+                               as_numpy(attention_module._softmax_backward_reference(da, a, c)),
+                               rtol=1e-4, atol=1e-6)

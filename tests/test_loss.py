@@ -23,6 +23,15 @@ with p_b = softmax(z_b); these tests check, in order:
 7. accuracy is the fraction of rows whose largest logit is at the label
    (test_accuracy); correct counts them on the logits' device
    (test_correct_counts_on_the_device).
+8. On CuPy, float32 logits with integer labels run as CUDA kernels
+   (minivit/kernels/loss.cu) that build the smoothed target themselves.  On the stand-in
+   (a kernel runs its reference there) the kernel path gives the reference path's loss
+   and gradient (test_loss_kernel_path_equals_the_reference_path), one launch each way
+   with no read back (test_loss_kernel_path_is_one_launch_each_way), a NaN loss for a
+   label out of range (test_loss_kernel_path_makes_a_bad_label_nan), and with
+   MINIVIT_KERNELS=0 the reference runs (test_minivit_kernels_0_runs_the_loss_reference).
+   On a real GPU the kernels equal their references for 10, 100 and 1000 classes
+   (test_loss_kernels_equal_their_references_on_a_gpu).
 
 Then the forms labels may take, float32, the errors, and labels on the GPU checked
 there without a read back to the host.
@@ -33,10 +42,12 @@ import numpy as np
 import pytest
 
 import minivit as mv
-from minivit import backend
+from minivit import backend, kernels
+from minivit.kernels import loss as loss_cuda
+from minivit.ops import loss as loss_module
 from minivit.ops.loss import CrossEntropy, accuracy, cross_entropy
 
-from conftest import numpy_grad
+from conftest import STANDIN, numpy_grad, require_cupy
 from reference import softmax
 
 
@@ -266,3 +277,85 @@ def test_a_loss_on_device_labels_reads_nothing_back(standin):
     loss.backward()
     mv.correct(z, labels)
     assert standin.counts()["reads"] == 0 and standin.counts()["copies"] == 0
+
+
+# --- the CUDA kernels -------------------------------------------------------------------
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """Kernels on for this test, whatever MINIVIT_KERNELS says outside it."""
+    monkeypatch.setenv("MINIVIT_KERNELS", "1")
+    if not kernels.on():
+        pytest.skip("kernels are off (MINIVIT_REFERENCE=1)")
+
+
+def _logits_and_labels(rng, b, k):
+    z = mv.tensor(rng.standard_normal((b, k)).astype(np.float32), device="cuda",
+                  requires_grad=True)
+    return z, backend.to_device(rng.integers(0, k, b), "cuda")
+
+
+@pytest.mark.parametrize("s", [0.0, 0.1])
+def test_loss_kernel_path_equals_the_reference_path(standin, monkeypatch, s):
+    results = []
+    for use_kernels in ("0", "1"):
+        monkeypatch.setenv("MINIVIT_KERNELS", use_kernels)
+        z, labels = _logits_and_labels(np.random.default_rng(0), 6, 10)
+        loss = cross_entropy(z, labels, label_smoothing=s)
+        kind = type(loss.creator).__name__
+        loss.backward(backend.asarray(np.float32(2.0), device="cuda"))
+        results.append((kind, loss.item(), z.grad))
+    (want_kind, want_loss, want_grad), (got_kind, got_loss, got_grad) = results
+    assert (want_kind, got_kind) == ("CrossEntropy", "LabelCrossEntropy")   # both paths ran
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    np.testing.assert_allclose(backend.to_device(got_grad, "cpu"),
+                               backend.to_device(want_grad, "cpu"), rtol=1e-5, atol=1e-7)
+
+
+def test_loss_kernel_path_is_one_launch_each_way(standin, kernels_on):
+    z, labels = _logits_and_labels(np.random.default_rng(1), 12, 10)
+    cross_entropy(z, labels, label_smoothing=0.1).backward()   # the kernels' self-checks
+    z.grad = None
+    standin.reset()
+    loss = cross_entropy(z, labels, label_smoothing=0.1)
+    assert standin.counts()["launches"] == 1
+    standin.reset()
+    loss.backward()
+    counts = standin.counts()
+    assert counts["launches"] == 3       # the seed gradient (ones), the kernel, into z.grad
+    assert counts["reads"] == counts["copies"] == 0
+    assert loss_module.CROSS_ENTROPY_FORWARD.status == "ok"
+    assert loss_module.CROSS_ENTROPY_BACKWARD.status == "ok"
+
+
+def test_loss_kernel_path_makes_a_bad_label_nan(standin, kernels_on):
+    z = mv.tensor(np.zeros((3, 4), np.float32), device="cuda")
+    assert np.isnan(cross_entropy(z, backend.to_device(np.array([0, 4, 1]), "cuda")).item())
+    good = cross_entropy(z, backend.to_device(np.array([0, 3, 1]), "cuda"), label_smoothing=0.1)
+    assert good.item() == pytest.approx(np.log(4), rel=1e-6)
+
+
+def test_minivit_kernels_0_runs_the_loss_reference(standin, monkeypatch):
+    monkeypatch.setenv("MINIVIT_KERNELS", "0")
+    z, labels = _logits_and_labels(np.random.default_rng(2), 4, 5)
+    standin.reset()
+    cross_entropy(z, labels, label_smoothing=0.1)
+    assert standin.counts()["launches"] > 5
+
+
+@pytest.mark.parametrize("b, k", [(128, 10), (33, 100), (5, 1000)])
+@pytest.mark.parametrize("s", [0.0, 0.1])
+def test_loss_kernels_equal_their_references_on_a_gpu(kernels_on, b, k, s):
+    require_cupy()
+    if STANDIN:
+        pytest.skip("runs the CUDA kernels themselves: needs a real GPU")
+    rng = np.random.default_rng(3)
+    z = backend.asarray(3 * rng.standard_normal((b, k)).astype(np.float32), device="cuda")
+    labels = backend.to_device(rng.integers(0, k, b), "cuda")
+    g = backend.asarray(np.float32(0.5), device="cuda")
+    for got, want in ((loss_cuda.forward(z, labels, s),
+                       loss_module._forward_reference(z, labels, s)),
+                      (loss_cuda.backward(z, labels, s, g),
+                       loss_module._backward_reference(z, labels, s, g))):
+        np.testing.assert_allclose(backend.to_device(got, "cpu"),
+                                   backend.to_device(want, "cpu"), rtol=1e-4, atol=1e-6)

@@ -19,6 +19,15 @@ sigma = sqrt(var(x) + eps), y = gamma * x_hat + beta; these tests check, in orde
    x_hat * mean(g * x_hat) term (test_gradcheck_catches_a_layer_norm_without_the_variance_term);
    a cotangent of ones with gamma = 1 cannot: then the true dx and the wrong one are both 0
    (test_a_ones_cotangent_with_unit_gamma_cannot_see_the_missing_term).
+6. On CuPy, float32 LayerNorm runs as CUDA kernels (minivit/kernels/layernorm.cu) that
+   keep mu and 1/sigma instead of x_hat.  On the stand-in, where a kernel runs its
+   reference, the kernel path gives the reference path's y, dx, dgamma and dbeta, so the
+   forward saves and the backward uses the right things
+   (test_layer_norm_kernel_path_equals_the_reference_path); it is one launch each way
+   (test_layer_norm_kernel_path_is_one_launch_each_way), and with MINIVIT_KERNELS=0 the
+   reference runs (test_minivit_kernels_0_runs_the_layer_norm_reference).  On a real GPU
+   the kernels equal their references at widths that are and are not multiples of 32
+   (test_layer_norm_kernels_equal_their_references_on_a_gpu).
 
 Then float32 staying float32 and the errors for parameters of the wrong shape.
 """
@@ -28,10 +37,12 @@ import numpy as np
 import pytest
 
 import minivit as mv
-from minivit import backend
+from minivit import backend, kernels
+from minivit.kernels import layernorm as layernorm_cuda
+from minivit.ops import norm
 from minivit.ops.norm import LayerNorm, layer_norm
 
-from conftest import numpy_grad
+from conftest import STANDIN, numpy_grad, require_cupy
 
 
 def _t(a, device, requires_grad=True):
@@ -179,3 +190,82 @@ def test_layer_norm_rejects_parameters_of_the_wrong_shape(device):
         layer_norm(x, _t(np.ones(5), device), _t(np.zeros((1, 5)), device))
     with pytest.raises(ValueError, match="needs an input with a feature axis"):
         layer_norm(_t(1.0, device), _t(np.ones(1), device), _t(np.zeros(1), device))
+
+
+# --- the CUDA kernels -------------------------------------------------------------------
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """Kernels on for this test, whatever MINIVIT_KERNELS says outside it."""
+    monkeypatch.setenv("MINIVIT_KERNELS", "1")
+    if not kernels.on():
+        pytest.skip("kernels are off (MINIVIT_REFERENCE=1)")
+
+
+def _f32(rng, shape, device="cuda"):
+    return backend.asarray(rng.standard_normal(shape).astype(np.float32), device=device)
+
+
+def _layer_norm_passes(rng, monkeypatch, use_kernels):
+    """y, dx, dgamma, dbeta of a float32 LayerNorm on the CuPy backend, the Function used."""
+    monkeypatch.setenv("MINIVIT_KERNELS", use_kernels)
+    x, dy = _f32(rng, (3, 5, 40)), _f32(rng, (3, 5, 40))
+    gamma, beta = _f32(rng, 40), _f32(rng, 40)
+    fn = LayerNorm()
+    y = fn.forward(x, gamma, beta)
+    return [backend.to_device(a, "cpu") for a in (y, *fn.backward(dy))], fn
+
+
+def test_layer_norm_kernel_path_equals_the_reference_path(standin, kernels_on, monkeypatch):
+    (want, ref), (got, fast) = (_layer_norm_passes(np.random.default_rng(0), monkeypatch, k)
+                                for k in ("0", "1"))
+    assert ref.x_hat is not None and fast.x_hat is None          # the two paths ran
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_kernel_path_is_one_launch_each_way(standin, kernels_on):
+    rng = np.random.default_rng(1)
+    x, dy, gamma, beta = _f32(rng, (4, 9, 24)), _f32(rng, (4, 9, 24)), _f32(rng, 24), _f32(rng, 24)
+    fn = LayerNorm()
+    fn.forward(x, gamma, beta)
+    fn.backward(dy)                                  # the first calls check the kernels
+    standin.reset()
+    fn = LayerNorm()
+    fn.forward(x, gamma, beta)
+    assert standin.counts()["launches"] == 1
+    standin.reset()
+    fn.backward(dy)
+    assert standin.counts()["launches"] == 1         # on a GPU: dx, then the column sums
+    assert norm.LAYER_NORM_FORWARD.status == norm.LAYER_NORM_BACKWARD.status == "ok"
+
+
+def test_minivit_kernels_0_runs_the_layer_norm_reference(standin, monkeypatch):
+    rng = np.random.default_rng(2)
+    monkeypatch.setenv("MINIVIT_KERNELS", "0")
+    fn = LayerNorm()
+    fn.forward(_f32(rng, (2, 8)), _f32(rng, 8), _f32(rng, 8))
+    assert fn.x_hat is not None
+    assert standin.counts()["launches"] > 2
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (130, 192), (33, 200), (5, 3, 768), (4, 1000)])
+def test_layer_norm_kernels_equal_their_references_on_a_gpu(shape, kernels_on):
+    require_cupy()
+    if STANDIN:
+        pytest.skip("runs the CUDA kernels themselves: needs a real GPU")
+    rng = np.random.default_rng(3)
+    d = shape[-1]
+    x, dy = 3 + 2 * _f32(rng, shape), _f32(rng, shape)
+    gamma, beta = _f32(rng, d), _f32(rng, d)
+    got = layernorm_cuda.forward(x, gamma, beta, 1e-6)
+    want = norm._forward_reference(x, gamma, beta, 1e-6)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(backend.to_device(g, "cpu"), backend.to_device(w, "cpu"),
+                                   rtol=1e-4, atol=1e-5)
+    _, mu, inv_sigma = want
+    got = layernorm_cuda.backward(dy, x, gamma, mu, inv_sigma)
+    want = norm._backward_reference(dy, x, gamma, mu, inv_sigma)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(backend.to_device(g, "cpu"), backend.to_device(w, "cpu"),
+                                   rtol=1e-4, atol=1e-4)

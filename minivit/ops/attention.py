@@ -19,9 +19,10 @@ computation as one node that reads q, k, v in place from z U_qkv.
 """
 import math
 
-from minivit import backend, fast
+from minivit import backend, fast, kernels
 from minivit.autograd import Function, Tensor, as_tensor
 from minivit.blocks import map_rows
+from minivit.kernels import softmax as _softmax_cuda
 from minivit.ops.activation import softmax_array
 from minivit.ops.basic import affine, reshape, row_sum, swapaxes
 
@@ -95,6 +96,13 @@ class FusedSelfAttention(Function):
         of FlashAttention's backward; it holds with the mask too);
       - on the CPU, a block of images at a time (minivit/blocks.py);
       - the softmax and dS are computed in place where the reference makes new arrays.
+
+    On CuPy (forward_gpu, backward_gpu) q, k, v are laid out C-contiguous instead, since
+    CuPy's batched matmul copies every operand that is not: one copy of qkv as
+    (3, B, heads, T, D_h) holds q, k, v, one as (3, B, heads, D_h, T) holds q^T, k^T, v^T,
+    and the backward takes transposed products, dv^T = g^T A' and dk^T = c q^T dS, so no
+    product needs a transpose of a T x T array.  The scaled softmax and its backward are
+    CUDA kernels there (softmax.cu) for float32.
     """
 
     def __init__(self, num_heads, dropout_mask=None):
@@ -110,6 +118,9 @@ class FusedSelfAttention(Function):
         q, k, v = self._heads(qkv, 3)
         _check_qkv(q, k, v)
         self.mask = _check_mask(self.mask, q.shape[:-1] + k.shape[-2:-1], q)
+        self.on_gpu = backend.device_of(qkv) == "cuda"
+        if self.on_gpu:
+            return self.forward_gpu(qkv)
 
         def block(q, k, v, mask):
             out, a = _fused_forward(q, k, v, mask)
@@ -119,6 +130,8 @@ class FusedSelfAttention(Function):
         return self.y                                              # heads side by side
 
     def backward(self, g):
+        if self.on_gpu:
+            return self.backward_gpu(g)
         q, k, v = self._heads(self.qkv, 3)
         (out,), (g,) = self._heads(self.y, 1), self._heads(g, 1)   # (B, heads, T, D_h)
 
@@ -127,6 +140,71 @@ class FusedSelfAttention(Function):
             return grads.transpose(1, 3, 0, 2, 4)                  # (b, T, 3, heads, D_h)
         dqkv = _by_rows(block, g, q, k, v, self.weights, self.mask, out)
         return dqkv.reshape(self.qkv.shape)                        # [dq | dk | dv]
+
+    def forward_gpu(self, qkv):
+        xp = backend.array_module(qkv)
+        B, T, width = qkv.shape
+        D_h = width // 3 // self.num_heads
+        split = qkv.reshape(B, T, 3, self.num_heads, D_h)
+        self.heads = xp.ascontiguousarray(split.transpose(2, 0, 3, 1, 4))    # q, k, v
+        self.heads_t = xp.ascontiguousarray(split.transpose(2, 0, 3, 4, 1))  # q^T, k^T, v^T
+        (q, _, v), k_t = self.heads, self.heads_t[1]
+        self.scale = 1 / math.sqrt(D_h)
+        self.weights = a = _scaled_softmax(q @ k_t, self.scale)              # A
+        out = (a if self.mask is None else a * self.mask) @ v                 # A' v
+        return xp.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(B, T, width // 3)
+
+    def backward_gpu(self, g):
+        xp = backend.array_module(g)
+        (_, k, _), (q_t, _, v_t) = self.heads, self.heads_t
+        B, heads, T, D_h = k.shape
+        a = self.weights
+        g = g.reshape(B, T, heads, D_h)
+        g_heads = xp.ascontiguousarray(g.transpose(0, 2, 1, 3))              # (B, heads, T, D_h)
+        g_heads_t = xp.ascontiguousarray(g.transpose(0, 2, 3, 1))            # (B, heads, D_h, T)
+        dkv_t = xp.empty((2, B, heads, D_h, T), dtype=g.dtype)               # dk^T, dv^T
+        xp.matmul(g_heads_t, a if self.mask is None else a * self.mask,
+                  out=dkv_t[1])                                              # dv^T = g^T A'
+        da = g_heads @ v_t                                                   # dA' = g v^T
+        if self.mask is not None:
+            da *= self.mask
+        ds = _scaled_softmax_backward(da, a, self.scale)                     # c dS
+        dq = ds @ k                                                          # c dS k
+        xp.matmul(q_t, ds, out=dkv_t[0])                                     # c q^T dS
+        dqkv = xp.empty((B, T, 3, heads, D_h), dtype=g.dtype)
+        dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+        dqkv[:, :, 1:] = dkv_t.transpose(1, 4, 0, 2, 3)
+        return dqkv.reshape(B, T, 3 * heads * D_h)                           # [dq | dk | dv]
+
+
+def _softmax_reference(s, scale):
+    """A = softmax(scale S) by rows, as ScaledDotProductAttention computes it."""
+    return softmax_array(scale * s)
+
+
+def _softmax_backward_reference(da, a, scale):
+    """scale dS, dS = A * (dA - sum(dA * A, axis=-1)), as ScaledDotProductAttention.backward."""
+    return scale * (a * (da - row_sum(da * a, keepdims=True)))
+
+
+# Fast path (GPU): the scaled softmax and its backward as one kernel each, a warp per row.
+SOFTMAX_FORWARD = kernels.Kernel("attention_softmax_forward", "softmax.cu",
+                                 _softmax_cuda.forward, _softmax_reference)
+SOFTMAX_BACKWARD = kernels.Kernel("attention_softmax_backward", "softmax.cu",
+                                  _softmax_cuda.backward, _softmax_backward_reference,
+                                  sample=kernels.leading(0, 1))
+
+
+def _scaled_softmax(s, scale):
+    if kernels.usable(s) and s.shape[-1] <= _softmax_cuda.MAX_LENGTH:
+        return SOFTMAX_FORWARD(s, scale)
+    return _softmax_reference(s, scale)
+
+
+def _scaled_softmax_backward(da, a, scale):
+    if kernels.usable(da, a) and da.shape[-1] <= _softmax_cuda.MAX_LENGTH:
+        return SOFTMAX_BACKWARD(da, a, scale)
+    return _softmax_backward_reference(da, a, scale)
 
 
 def _fused_forward(q, k, v, mask):

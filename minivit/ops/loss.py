@@ -3,8 +3,9 @@
 The head maps the [CLS] representation y = LN(z_L^0) (Eq. 4) to K logits z; training
 minimises the cross-entropy between softmax(z) and the label.
 """
-from minivit import backend
+from minivit import backend, kernels
 from minivit.autograd import Function, Tensor
+from minivit.kernels import loss as _loss_cuda
 from minivit.ops.activation import log_softmax_array
 
 array_module = backend.array_module
@@ -27,16 +28,75 @@ class CrossEntropy(Function):
         self.t, self.valid = targets, valid
 
     def forward(self, z):
-        xp = array_module(z)
-        log_p = log_softmax_array(z, axis=-1)
-        self.p = xp.exp(log_p)
-        loss = -(self.t * log_p).sum() / z.shape[0]
-        if self.valid is not None:
-            loss = xp.where(self.valid, loss, xp.nan).astype(loss.dtype)
+        loss, self.p = cross_entropy_forward(z, self.t, self.valid)
         return loss
 
     def backward(self, g):
-        return g * (self.p - self.t) / self.p.shape[0]
+        return cross_entropy_backward(g, self.p, self.t)
+
+
+def cross_entropy_forward(z, t, valid=None):
+    """CrossEntropy's forward on raw arrays: (loss, p = softmax(z))."""
+    xp = array_module(z)
+    log_p = log_softmax_array(z, axis=-1)
+    p = xp.exp(log_p)
+    loss = -(t * log_p).sum() / z.shape[0]
+    if valid is not None:
+        loss = xp.where(valid, loss, xp.nan).astype(loss.dtype)
+    return loss, p
+
+
+def cross_entropy_backward(g, p, t):
+    """CrossEntropy's backward on raw arrays: dz = g (p - t) / B."""
+    return g * (p - t) / p.shape[0]
+
+
+def _label_targets(labels, k, label_smoothing, dtype, check=True):
+    """(t, valid): the (B, K) targets of integer labels, one-hot then label-smoothed, and
+    whether every label is a class index (a 0-d boolean array on the labels' device; None
+    with check=False)."""
+    xp = array_module(labels)
+    t = (labels[:, None] == xp.arange(k)).astype(dtype)          # one-hot; 0 for a bad label
+    valid = t.sum() == labels.shape[0] if check else None
+    if label_smoothing:
+        t = (1 - label_smoothing) * t + label_smoothing / k
+    return t, valid
+
+
+def _forward_reference(z, labels, label_smoothing):
+    """The loss of integer labels, NaN if one is out of range."""
+    t, valid = _label_targets(labels, z.shape[1], label_smoothing, z.dtype)
+    return cross_entropy_forward(z, t, valid)[0]
+
+
+def _backward_reference(z, labels, label_smoothing, g):
+    """dz = g (softmax(z) - t) / B."""
+    t = _label_targets(labels, z.shape[1], label_smoothing, z.dtype, check=False)[0]
+    return cross_entropy_backward(g, cross_entropy_forward(z, t)[1], t)
+
+
+# Fast path (GPU): the loss of integer labels as one kernel each way, which builds the
+# smoothed target itself and keeps nothing: the backward recomputes softmax(z) from z.
+CROSS_ENTROPY_FORWARD = kernels.Kernel("cross_entropy_forward", "loss.cu",
+                                       _loss_cuda.forward, _forward_reference,
+                                       sample=kernels.leading(0, 1))
+CROSS_ENTROPY_BACKWARD = kernels.Kernel("cross_entropy_backward", "loss.cu",
+                                        _loss_cuda.backward, _backward_reference,
+                                        sample=kernels.leading(0, 1))
+
+
+class LabelCrossEntropy(Function):
+    """CrossEntropy of integer labels with label smoothing s, by the two kernels above."""
+
+    def __init__(self, labels, label_smoothing):
+        self.labels, self.s = labels, label_smoothing
+
+    def forward(self, z):
+        self.z = z
+        return CROSS_ENTROPY_FORWARD(z, self.labels, self.s)
+
+    def backward(self, g):
+        return CROSS_ENTROPY_BACKWARD(self.z, self.labels, self.s, g)
 
 
 def _logits_array(name, logits):
@@ -106,14 +166,15 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     labels = _labels_array("cross_entropy", labels, z)
     xp = array_module(z)
     b, k = z.shape
+    if labels.ndim == 1 and kernels.usable(z):
+        return LabelCrossEntropy(labels, label_smoothing)(logits)
     if labels.ndim == 1:
-        t = (labels[:, None] == xp.arange(k)).astype(z.dtype)    # one-hot; 0 for a bad label
-        valid = t.sum() == b if on_gpu else None
+        t, valid = _label_targets(labels, k, label_smoothing, z.dtype, check=on_gpu)
     else:
         t = labels.astype(z.dtype, copy=False)
         valid = (xp.abs(t.sum(axis=-1) - 1) <= 1e-3).all() if on_gpu else None
-    if label_smoothing:
-        t = (1 - label_smoothing) * t + label_smoothing / k
+        if label_smoothing:
+            t = (1 - label_smoothing) * t + label_smoothing / k
     return CrossEntropy(t, valid)(logits)
 
 

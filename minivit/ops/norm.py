@@ -1,6 +1,7 @@
 """Layer normalisation, the LN of every Transformer block in ViT (Eq. 2-4)."""
-from minivit import backend
+from minivit import backend, kernels
 from minivit.autograd import Function
+from minivit.kernels import layernorm as _layernorm_cuda
 from minivit.ops.basic import column_sum, row_mean
 
 array_module = backend.array_module
@@ -22,6 +23,10 @@ class LayerNorm(Function):
         dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sigma.
     The two means remove from g its component along the all-ones vector (what mu
     absorbs) and along x_hat (what sigma absorbs).
+
+    layer_norm_forward and layer_norm_backward below are the two passes on raw arrays.
+    On the GPU (float32 arrays) both are CUDA kernels instead (layernorm.cu), which keep
+    mu and 1/sigma per row and recompute x_hat from x in the backward.
     """
 
     def __init__(self, eps=1e-6):
@@ -36,27 +41,68 @@ class LayerNorm(Function):
                 raise ValueError(f"layer_norm: {name} must have shape ({d},), the size of the "
                                  f"last axis of x (shape {tuple(x.shape)}), got "
                                  f"{tuple(p.shape)}")
-        xp = array_module(x)
-        centred = x - row_mean(x, keepdims=True)                      # x - mu
-        sigma = xp.sqrt(row_mean(centred * centred, keepdims=True) + self.eps)
-        self.inv_sigma = 1 / sigma
-        self.x_hat = xp.multiply(centred, self.inv_sigma, out=centred)   # centred is done with
         self.gamma = gamma
         self.dtypes = x.dtype, gamma.dtype, beta.dtype
-        y = self.x_hat * gamma
-        y += beta
+        if kernels.usable(x, gamma, beta) and d <= _layernorm_cuda.MAX_WIDTH:
+            self.x, self.x_hat = x, None
+            y, self.mu, self.inv_sigma = LAYER_NORM_FORWARD(x, gamma, beta, self.eps)
+            return y
+        y, self.x_hat, self.inv_sigma = layer_norm_forward(x, gamma, beta, self.eps)
         return y
 
     def backward(self, dy):
-        x_hat = self.x_hat
-        g = dy * self.gamma                                   # dL/dx_hat
-        dx = g - row_mean(g, keepdims=True)                   # dx = (g - mean(g)
-        dx -= x_hat * row_mean(g * x_hat, keepdims=True)      #       - x_hat mean(g x_hat))
-        dx *= self.inv_sigma                                  #      / sigma
-        dgamma = column_sum(dy * x_hat)
-        dbeta = column_sum(dy)
-        return tuple(grad.astype(dtype, copy=False)
-                     for grad, dtype in zip((dx, dgamma, dbeta), self.dtypes))
+        if self.x_hat is None:
+            grads = LAYER_NORM_BACKWARD(dy, self.x, self.gamma, self.mu, self.inv_sigma)
+        else:
+            grads = layer_norm_backward(dy, self.x_hat, self.gamma, self.inv_sigma)
+        return tuple(grad.astype(dtype, copy=False) for grad, dtype in zip(grads, self.dtypes))
+
+
+def layer_norm_forward(x, gamma, beta, eps):
+    """LayerNorm's forward on raw arrays: (y, x_hat, 1/sigma), 1/sigma with a length-1
+    last axis."""
+    xp = array_module(x)
+    centred = x - row_mean(x, keepdims=True)                      # x - mu
+    sigma = xp.sqrt(row_mean(centred * centred, keepdims=True) + eps)
+    inv_sigma = 1 / sigma
+    x_hat = xp.multiply(centred, inv_sigma, out=centred)          # centred is done with
+    y = x_hat * gamma
+    y += beta
+    return y, x_hat, inv_sigma
+
+
+def layer_norm_backward(dy, x_hat, gamma, inv_sigma):
+    """LayerNorm's backward on raw arrays: (dx, dgamma, dbeta)."""
+    g = dy * gamma                                        # dL/dx_hat
+    dx = g - row_mean(g, keepdims=True)                   # dx = (g - mean(g)
+    dx -= x_hat * row_mean(g * x_hat, keepdims=True)      #       - x_hat mean(g x_hat))
+    dx *= inv_sigma                                       #      / sigma
+    dgamma = column_sum(dy * x_hat)
+    dbeta = column_sum(dy)
+    return dx, dgamma, dbeta
+
+
+# Fast path (GPU): the forward as one kernel that keeps mu and 1/sigma per row (not
+# x_hat), the backward as two (dx per row, then the sums of dgamma and dbeta over rows),
+# recomputing x_hat from x.  Their references are the two functions above.
+
+def _forward_reference(x, gamma, beta, eps):
+    """(y, mu, 1/sigma), mu and 1/sigma of shape x.shape[:-1]."""
+    y, _, inv_sigma = layer_norm_forward(x, gamma, beta, eps)
+    return y, row_mean(x), inv_sigma[..., 0]
+
+
+def _backward_reference(dy, x, gamma, mu, inv_sigma):
+    """(dx, dgamma, dbeta), x_hat recomputed from x, mu and 1/sigma."""
+    x_hat = (x - mu[..., None]) * inv_sigma[..., None]
+    return layer_norm_backward(dy, x_hat, gamma, inv_sigma[..., None])
+
+
+LAYER_NORM_FORWARD = kernels.Kernel("layernorm_forward", "layernorm.cu",
+                                    _layernorm_cuda.forward, _forward_reference)
+LAYER_NORM_BACKWARD = kernels.Kernel("layernorm_backward", "layernorm.cu",
+                                     _layernorm_cuda.backward, _backward_reference,
+                                     sample=kernels.leading(0, 1, 3, 4))
 
 
 def layer_norm(x, gamma, beta, eps=1e-6):
