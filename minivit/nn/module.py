@@ -66,10 +66,15 @@ class Parameter(Tensor):
         if self._buffer is None:
             return super()._accumulate_grad(g)
         if self._grad is None:                     # the gradient lands in the buffer
-            self._grad_view[...] = g
+            if g is not self._grad_view:           # (unless backward wrote it there)
+                self._grad_view[...] = g
             self._grad = self._grad_view
         else:
             self._grad_view += g
+
+    def _empty_grad_slot(self):
+        """In a flat buffer, before any gradient has arrived: the view for .grad there."""
+        return self._grad_view if self._buffer is not None and self._grad is None else None
 
 
 def _fits(value, like):
