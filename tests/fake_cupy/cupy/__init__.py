@@ -11,11 +11,14 @@ It behaves like CuPy exactly where NumPy code usually goes wrong on a GPU:
   cupy-cuda12x by make_manifest.py); functions whose signature differs from NumPy's
   follow CuPy's (unravel_index takes a device array; Generator has no permutation).
 - Reductions and indexing return 0-d arrays, never NumPy scalars.
-- It counts device-to-host reads, host-to-device copies and kernel launches, with call
-  sites (see _standin.py), so tests can budget them.
+- It counts device-to-host reads, host-to-device copies, kernel launches and their bytes,
+  and the copies real CuPy makes unasked (matmul operands, reshapes that cannot be
+  views), with call sites (see _standin.py), so tests can budget them.
+  `cupy.fake_stats(reset=False)`, the one name CuPy lacks, returns these counts.
 
 Prior art: GPAW's cpupy (GPAW_CPUPY=1) and array-api-strict's fake devices.
 """
+import builtins
 import json
 import os
 
@@ -27,6 +30,7 @@ _IS_STANDIN = True
 _MANIFEST = json.loads(open(os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                          "manifest.json")).read())
 _PUBLIC = frozenset(_MANIFEST["cupy"])
+_STANDIN_NAMES = frozenset({"fake_stats"})            # the stand-in's own, not CuPy's
 _UFUNCS = frozenset(_MANIFEST["ufuncs"])
 __version__ = _MANIFEST["cupy_version"] + "+standin"
 
@@ -51,6 +55,16 @@ def _wrap_result(r):
         return tuple(_wrap_result(x) for x in r)
     if isinstance(r, list):
         return [_wrap_result(x) for x in r]
+    return r
+
+
+def _c_order(r):
+    """r with its arrays C-contiguous: CuPy allocates the outputs of its ufuncs and
+    reductions C-contiguous, where NumPy follows the inputs' layout."""
+    if isinstance(r, numpy.ndarray) and not r.flags.c_contiguous:
+        return numpy.ascontiguousarray(r)
+    if isinstance(r, tuple):
+        return tuple(_c_order(x) for x in r)
     return r
 
 
@@ -85,8 +99,74 @@ def _has_device_array(x):
     if isinstance(x, ndarray):
         return True
     if isinstance(x, (list, tuple)):
-        return any(_has_device_array(v) for v in x)
+        return builtins.any(_has_device_array(v) for v in x)
     return False
+
+
+def _traffic(args, kwargs, result):
+    """Bytes a launch moves: the device arrays among its inputs (`out` aside) and its
+    result (or `out`)."""
+    inputs = _standin.device_bytes(args) + builtins.sum(
+        _standin.device_bytes(v) for k, v in kwargs.items() if k != "out")
+    return inputs + _standin.device_bytes(result)
+
+
+def _index_bytes(raw_key):
+    """Bytes of the index arrays in an unwrapped index."""
+    keys = raw_key if isinstance(raw_key, tuple) else (raw_key,)
+    return builtins.sum(k.nbytes for k in keys if isinstance(k, numpy.ndarray))
+
+
+def _is_view(r, inputs):
+    """Whether every array in result r shares memory with one of the NumPy arrays
+    `inputs` (a view: no kernel ran).  Results that are no arrays (shapes) count too."""
+    parts = r if isinstance(r, (tuple, list)) else (r,)
+    return builtins.all(not isinstance(p, (numpy.ndarray, numpy.generic)) or
+                        isinstance(p, numpy.ndarray) and inputs and
+                        (p.size == 0 or builtins.any(numpy.may_share_memory(p, a)
+                                                     for a in inputs))
+                        for p in parts)
+
+
+def _inputs(x):
+    """The NumPy arrays behind the device arrays in (nested) arguments."""
+    if isinstance(x, ndarray):
+        return [x._a]
+    if isinstance(x, (list, tuple)):
+        return [a for v in x for a in _inputs(v)]
+    if isinstance(x, dict):
+        return [a for v in x.values() for a in _inputs(v)]
+    return []
+
+
+def _matmul_copies(a, b, out):
+    """The operand copies CuPy's matmul makes before calling cuBLAS; the dtype it
+    computes in if it then copies the result into `out` (or casts it back from float32
+    for float16), else None."""
+    if not (isinstance(a, ndarray) and isinstance(b, ndarray)) or not (a.ndim and b.ndim):
+        return None
+    dtype = result_dtype = numpy.promote_types(a.dtype, b.dtype)
+    if builtins.max(a.ndim, b.ndim) <= 2:    # cuBLAS takes C- or F-contiguous matrices
+        for x in (a, b):
+            if x.dtype != dtype:
+                _standin.hidden_copy("matmul operand cast", x.nbytes + x.size * dtype.itemsize)
+            elif not (x._a.flags.c_contiguous or x._a.flags.f_contiguous):
+                _standin.hidden_copy("matmul operand neither C- nor F-contiguous", 2 * x.nbytes)
+    else:                                    # batched: C-contiguous in the compute dtype
+        if dtype == numpy.float16:
+            dtype = numpy.dtype(numpy.float32)
+        for x in (a, b):
+            if x.dtype != dtype:
+                _standin.hidden_copy("matmul operand cast (batched)",
+                                     x.nbytes + x.size * dtype.itemsize)
+            elif not x._a.flags.c_contiguous:
+                _standin.hidden_copy("matmul operand not C-contiguous (batched)", 2 * x.nbytes)
+    if out is None:
+        return dtype if dtype != result_dtype else None
+    direct = (out._a.flags.c_contiguous and out.dtype == dtype and
+              not numpy.may_share_memory(out._a, a._a) and
+              not numpy.may_share_memory(out._a, b._a))
+    return None if direct else dtype
 
 
 def _host_copy(data, dtype=None, what="asarray"):
@@ -124,11 +204,16 @@ class _Ufunc:
               for k, v in kwargs.items()}
         if self.__name__ in _standin.BLAS_FUNCTIONS:
             _standin.require("cublas")
-        _standin.launch()
+        _standin.require("nvrtc")
+        copy_from = _matmul_copies(*args, out if isinstance(out, ndarray) else None) \
+            if self.__name__ == "matmul" and not method and len(args) == 2 else None
         r = getattr(self._u, method)(*raw, **kw) if method else self._u(*raw, **kw)
-        if isinstance(out, ndarray):
-            return out
-        return _wrap_result(r)
+        result = out if isinstance(out, ndarray) else _wrap_result(_c_order(r))
+        if copy_from is not None:
+            _standin.hidden_copy("matmul result copied to out or cast",
+                                 result.size * copy_from.itemsize + result.nbytes)
+        _standin.launch(nbytes=_traffic(args, kwargs, result))
+        return result
 
     def __call__(self, *args, **kwargs):
         return self._run(None, args, kwargs)
@@ -145,24 +230,42 @@ class _Ufunc:
     def at(self, a, indices, b=None):
         if not isinstance(a, ndarray):
             raise _unsupported(a)
-        _standin.launch()
         args = (_unwrap(indices),) if b is None else (_unwrap(indices), _operand(b))
+        _standin.launch(nbytes=_scatter_bytes(a._a, args[0], b))
         self._u.at(a._a, *args)
 
     def __repr__(self):
         return f"<ufunc '{self.__name__}'>"
 
 
+def _scatter_bytes(a, raw_key, value):
+    """Bytes of a scatter into NumPy array a: index arrays and value, and the touched
+    elements read and written."""
+    return _index_bytes(raw_key) + _standin.device_bytes(value) + 2 * a[raw_key].nbytes
+
+
+_ALLOCATING = frozenset({"empty", "empty_like"})     # memory only, no kernel
+
+
 def _function(name, np_func):
-    """CuPy's function `name`, computed by NumPy's: device arrays in, device arrays out."""
+    """CuPy's function `name`, computed by NumPy's: device arrays in, device arrays out;
+    a result that is a view of an input (reshape, transpose, ...) launches nothing."""
     def function(*args, **kwargs):
         if name in _standin.BLAS_FUNCTIONS:
             _standin.require("cublas")
         out = kwargs.get("out")
         r = np_func(*_unwrap(args), **_unwrap(kwargs))
-        if isinstance(r, (numpy.ndarray, numpy.generic, tuple, list)):
-            _standin.launch()
-        return out if isinstance(out, ndarray) else _wrap_result(r)
+        result = out if isinstance(out, ndarray) else _wrap_result(r)
+        inputs = _inputs((args, kwargs))
+        if r is None and inputs:                   # in place (copyto, ...): a kernel
+            _standin.launch(nbytes=_traffic(args, kwargs, None))
+        elif out is None and _is_view(r, inputs) or name in _ALLOCATING:
+            pass
+        elif name == "reshape":
+            _standin.hidden_copy("reshape that cannot be a view", 2 * result.nbytes)
+        else:
+            _standin.launch(nbytes=_traffic(args, kwargs, result))
+        return result
     function.__name__ = function.__qualname__ = name
     function.__doc__ = f"cupy.{name} (stand-in: numpy.{name} on the device arrays' data)"
     return function
@@ -187,7 +290,13 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(_PUBLIC)
+    return sorted(_PUBLIC | _STANDIN_NAMES)
+
+
+def fake_stats(reset=False):
+    """The stand-in's counts since the last fake_stats(reset=True): {"d2h", "h2d",
+    "launches", "bytes", "hidden_copies"}; reset=True then zeroes them (not a CuPy name)."""
+    return _standin.fake_stats(reset)
 
 
 # --- creating arrays and moving them between host and device -----------------------------
@@ -196,8 +305,9 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
     if isinstance(a, ndarray):
         if dtype is None or numpy.dtype(dtype) == a.dtype:
             return a
-        _standin.launch()
-        return _wrap(a._a.astype(dtype))
+        out = _wrap(a._a.astype(dtype))
+        _standin.launch(nbytes=a.nbytes + out.nbytes)
+        return out
     return _host_copy(a, dtype)
 
 
@@ -205,8 +315,9 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocki
     if isinstance(obj, ndarray):
         if not copy and (dtype is None or numpy.dtype(dtype) == obj.dtype):
             return obj
-        _standin.launch()
-        return _wrap(numpy.array(obj._a, dtype=dtype, copy=True, ndmin=ndmin))
+        out = _wrap(numpy.array(obj._a, dtype=dtype, copy=True, ndmin=ndmin))
+        _standin.launch(nbytes=obj.nbytes + out.nbytes)
+        return out
     out = _host_copy(obj, dtype, what="array")
     if ndmin > out.ndim:
         out._a = out._a.reshape((1,) * (ndmin - out.ndim) + out.shape)
@@ -216,8 +327,11 @@ def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocki
 def ascontiguousarray(a, dtype=None):
     if not isinstance(a, ndarray):
         return _host_copy(a, dtype)
-    _standin.launch()
-    return _wrap(numpy.ascontiguousarray(a._a, dtype=dtype))
+    if a.ndim and a._a.flags.c_contiguous and (dtype is None or numpy.dtype(dtype) == a.dtype):
+        return a                                   # CuPy returns it as it is
+    out = _wrap(numpy.ascontiguousarray(a._a, dtype=dtype))
+    _standin.launch(nbytes=a.nbytes + out.nbytes)
+    return out
 
 
 def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
@@ -234,7 +348,7 @@ def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
 
 def get_array_module(*args):
     import sys
-    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else numpy
+    return sys.modules[__name__] if builtins.any(isinstance(a, ndarray) for a in args) else numpy
 
 
 def unravel_index(indices, dims, order="C"):
@@ -246,18 +360,21 @@ def unravel_index(indices, dims, order="C"):
                         "part of adopting NEP 50, we may explicitly allow them again in "
                         f"the future. (cupy.unravel_index got {type(indices).__name__})")
     _standin.read("unravel_index")      # `(indices < 0).any()` in CuPy synchronises
-    _standin.launch()
-    return _wrap_result(numpy.unravel_index(indices._a, dims, order=order))
+    result = _wrap_result(numpy.unravel_index(indices._a, dims, order=order))
+    _standin.launch(nbytes=_traffic((indices,), {}, result))
+    return result
 
 
 def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
-    _standin.launch()
-    return _wrap(numpy.asarray(numpy.allclose(_operand(a), _operand(b), rtol, atol, equal_nan)))
+    result = _wrap(numpy.asarray(numpy.allclose(_operand(a), _operand(b), rtol, atol, equal_nan)))
+    _standin.launch(nbytes=_traffic((a, b), {}, result))
+    return result
 
 
 def array_equal(a1, a2, equal_nan=False):
-    _standin.launch()
-    return _wrap(numpy.asarray(numpy.array_equal(_operand(a1), _operand(a2), equal_nan)))
+    result = _wrap(numpy.asarray(numpy.array_equal(_operand(a1), _operand(a2), equal_nan)))
+    _standin.launch(nbytes=_traffic((a1, a2), {}, result))
+    return result
 
 
 def is_available():
@@ -301,8 +418,9 @@ _READ_METHODS = {"tolist", "tobytes", "tofile", "dump", "dumps"}
 def _is_basic(key):
     """Whether an index is basic (ints, slices, None, Ellipsis): a view, no launch."""
     key = key if isinstance(key, tuple) else (key,)
-    return all(k is None or k is Ellipsis or isinstance(k, (slice, int, numpy.integer))
-               and not isinstance(k, (bool, numpy.bool_)) for k in key)
+    return builtins.all(k is None or k is Ellipsis or
+                        isinstance(k, (slice, int, numpy.integer)) and
+                        not isinstance(k, (bool, numpy.bool_)) for k in key)
 
 
 def _index(key):
@@ -376,7 +494,7 @@ class ndarray:
             cupy_func = getattr(module, func.__name__)
         except (AttributeError, NotImplementedError):
             return NotImplemented
-        if not all(issubclass(t, (ndarray, numpy.ndarray)) for t in types):
+        if not builtins.all(issubclass(t, (ndarray, numpy.ndarray)) for t in types):
             return NotImplemented
         return cupy_func(*args, **kwargs)
 
@@ -443,9 +561,10 @@ class ndarray:
 
     def __getitem__(self, key):
         basic = _is_basic(key)
-        r = self._a[_index(key)]
+        raw_key = _index(key)
+        r = self._a[raw_key]
         if not basic:
-            _standin.launch()
+            _standin.launch(nbytes=_index_bytes(raw_key) + 2 * r.nbytes)
         return _wrap(r)
 
     def __setitem__(self, key, value):
@@ -462,7 +581,8 @@ class ndarray:
             value = value._a
         elif not isinstance(value, _SCALARS):
             raise _unsupported(value)
-        _standin.launch()
+        _standin.launch(nbytes=_index_bytes(raw_key) + self._a[raw_key].nbytes +
+                        (value.nbytes if isinstance(value, numpy.ndarray) else 0))
         self._a[raw_key] = value
 
     def __copy__(self):
@@ -474,11 +594,12 @@ class ndarray:
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if not copy and numpy.dtype(dtype) == self.dtype:
             return self
-        _standin.launch()
-        return _wrap(self._a.astype(dtype, order=order, copy=True))
+        out = _wrap(self._a.astype(dtype, order=order, copy=True))
+        _standin.launch(nbytes=self.nbytes + out.nbytes)
+        return out
 
     def copy(self, order="C"):
-        _standin.launch()
+        _standin.launch(nbytes=2 * self.nbytes)
         return _wrap(self._a.copy(order=order))
 
     def fill(self, value):
@@ -486,13 +607,13 @@ class ndarray:
             if value.ndim:
                 raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
             value = value.item()
-        _standin.launch()
+        _standin.launch(nbytes=self.nbytes)
         self._a.fill(_operand(value))
 
     def ravel(self, order="C"):
         r = self._a.ravel(order)
-        if not numpy.shares_memory(r, self._a):
-            _standin.launch()
+        if not _is_view(r, [self._a]):
+            _standin.launch(nbytes=self.nbytes + r.nbytes)
         return _wrap(r)
 
     def scatter_add(self, slices, value):
@@ -510,9 +631,18 @@ def _method(name):
     def method(self, *args, **kwargs):
         if name in _READ_METHODS:
             _standin.read(name)
-        elif name not in _VIEW_METHODS:
-            _standin.launch()
-        return _wrap_result(np_method(self._a, *_unwrap(args), **_unwrap(kwargs)))
+            return _wrap_result(np_method(self._a, *_unwrap(args), **_unwrap(kwargs)))
+        r = np_method(self._a, *_unwrap(args), **_unwrap(kwargs))
+        if name == "reshape":
+            result = _wrap_result(r)
+            if not _is_view(r, [self._a]):
+                _standin.hidden_copy("reshape that cannot be a view", 2 * result.nbytes)
+        elif name in _VIEW_METHODS:
+            result = _wrap_result(r)
+        else:
+            result = _wrap_result(r if "out" in kwargs else _c_order(r))
+            _standin.launch(nbytes=_traffic((self,) + args, kwargs, result))
+        return result
     method.__name__ = name
     return method
 

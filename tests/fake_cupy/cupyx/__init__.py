@@ -21,8 +21,8 @@ def __getattr__(name):
 def _scatter(ufunc, a, slices, value):
     if not isinstance(a, cupy.ndarray):
         raise TypeError(f"Unsupported type {type(a)}")
-    _standin.launch()
     index = cupy._index(slices)
+    _standin.launch(nbytes=cupy._scatter_bytes(a._a, index, value))
     ufunc.at(a._a, index, cupy._operand(value))
 
 
@@ -40,8 +40,9 @@ def scatter_min(a, slices, value):
 
 
 def rsqrt(x, out=None):
-    _standin.launch()
-    return cupy._wrap(1 / numpy.sqrt(cupy._operand(x)))
+    result = cupy._wrap(1 / numpy.sqrt(cupy._operand(x)))
+    _standin.launch(nbytes=cupy._traffic((x,), {}, result))
+    return result
 
 
 @contextlib.contextmanager

@@ -33,15 +33,16 @@ def _generator_method(name):
     def method(self, *args, dtype=None, **kwargs):
         if any(isinstance(a, numpy.ndarray) for a in list(args) + list(kwargs.values())):
             raise TypeError("Unsupported type <class 'numpy.ndarray'>")
+        out = kwargs.get("out")
         args, kwargs = cupy._unwrap(args), cupy._unwrap(kwargs)
         if dtype is not None and takes_dtype:
             kwargs["dtype"] = dtype
-        out = kwargs.get("out")
         r = np_method(self._g, *args, **kwargs)
         if dtype is not None and not takes_dtype:
             r = numpy.asarray(r).astype(dtype)
-        cupy._standin.launch()
-        return cupy._wrap(r) if out is None else kwargs["out"]
+        result = cupy._wrap(r) if out is None else out
+        cupy._standin.launch(nbytes=cupy._standin.device_bytes(result))
+        return result
     method.__name__ = name
     return method
 
@@ -68,9 +69,9 @@ def __getattr__(name):
                                   "not implement it")
 
     def function(*args, **kwargs):
-        r = np_func(*cupy._unwrap(args), **cupy._unwrap(kwargs))
-        _standin.launch()
-        return cupy._wrap_result(r)
+        result = cupy._wrap_result(np_func(*cupy._unwrap(args), **cupy._unwrap(kwargs)))
+        _standin.launch(nbytes=_standin.device_bytes(result))
+        return result
     function.__name__ = name
     globals()[name] = function
     return function

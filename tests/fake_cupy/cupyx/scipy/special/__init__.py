@@ -17,5 +17,6 @@ def __getattr__(name):
 
 def erf(x):
     a = cupy._operand(x)
-    cupy._standin.launch()
-    return cupy._wrap(_erf(a).astype(a.dtype if a.dtype.kind == "f" else numpy.float64))
+    result = cupy._wrap(_erf(a).astype(a.dtype if a.dtype.kind == "f" else numpy.float64))
+    cupy._standin.launch(nbytes=cupy._traffic((x,), {}, result))
+    return result
