@@ -51,8 +51,10 @@ def row_mean(x, keepdims=False):
 def column_sum(x, out=None):
     """The sum over every axis but the last (written into `out` if given)."""
     if fast.enabled("blas_sums") and backend.device_of(x) == "cpu":
-        return _column_sum_blas(x, out)
-    return x.reshape(-1, x.shape[-1]).sum(axis=0, out=out)
+        s = _column_sum_blas(x, out)
+    else:
+        s = x.reshape(-1, x.shape[-1]).sum(axis=0, out=out)
+    return s if out is None else out
 
 
 def _row_sum_blas(x):
@@ -449,7 +451,9 @@ class Affine(Function):
         g = g.reshape(-1, self.w.shape[1])                    # (rows, out)
         dx = (g @ self.w.T).reshape(self.x_shape)
         # dW and db straight into the parameters' gradient slots when the walk offers them
-        dw = xp.matmul(self.x.T, g, out=self.grad_destination(1))
+        slot = self.grad_destination(1)
+        dw = xp.matmul(self.x.T, g, out=slot)
+        dw = dw if slot is None else slot
         if len(self.inputs) == 2:
             return dx, dw
         return dx, dw, column_sum(g, out=self.grad_destination(2))
