@@ -17,7 +17,10 @@ class Parameter(Tensor):
     and .grad are views into one array each, and assigning to them copies into the view
     (same shape, dtype and device) instead of replacing it, so `p.data = values`,
     `p.grad = g` and load_state_dict keep the buffer whole.  An array of another dtype
-    or device (Module.to, Module.astype) takes the parameter out of its buffer.
+    or device (Module.to, Module.astype) takes the parameter out of its buffer.  While
+    its gradient is unset, the graph walk offers its .grad view as the place a Function's
+    backward may write the gradient into (minivit.autograd, "Gradients written in
+    place"), so the gradient lands in the buffer without a copy.
     """
 
     def __init__(self, data, name=None):
