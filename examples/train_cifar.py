@@ -35,7 +35,7 @@ from minivit import backend, checkpoint, cli, data, distributed
 from minivit.nn import PRESETS as MODEL_PRESETS
 from minivit.data.resize import resize_bilinear
 from minivit.nn import VisionTransformer, ViTConfig, preset
-from minivit.optim import SGD, AdamW, clip_grad_norm, warmup_cosine
+from minivit.optim import SGD, AdamW, warmup_cosine
 
 # Training recipes.  "cpu": a small ViT that learns visibly in minutes on 2 cores.
 # "gpu": the small-data recipe of Lee et al. 2021 ("Vision Transformer for Small-Size
@@ -312,7 +312,7 @@ def train_epoch(model, optimizer, loader, epoch, s, show_progress, world=distrib
             bad_step = xp.where((bad_step == 0) & ~xp.isfinite(loss.data),
                                 optimizer.steps + 1, bad_step)
         distributed.sum_gradients(world, optimizer)                # no-op for one process
-        clip_grad_norm(model.parameters(), s.clip_norm or None)   # a NaN norm: NaN next loss
+        optimizer.clip_grad_norm(s.clip_norm or None)   # applied in step(); NaN: NaN next loss
         optimizer.step()
         seen += n
         if bar.due() if world.size == 1 else optimizer.steps % READ_EVERY == 0:

@@ -12,6 +12,18 @@ work), applies each Function's backward once, and adds up the gradients of
 tensors used more than once (the chain rule sums over every path).  Leaves that
 require grad receive `.grad`; afterwards the graph is released so the arrays
 each Function saved for backward can be freed.
+
+Gradients written in place.  A parameter that an optimiser keeps in a flat buffer
+(minivit.nn.module.ParameterBuffer) has a slot for its gradient there, a view of the
+buffer's gradient array.  Before it calls a Function's backward, the walk tells the
+Function where each input's gradient may go: `fn.grad_destination(i)` is that input's
+empty slot when input i is such a leaf and no gradient has reached it yet in this walk
+(nor from an earlier backward), else None.  A backward may write dL/dx_i straight into
+it (`xp.matmul(a, b, out=dest)`, `g.sum(axis=0, out=dest)`) and return that very array;
+or ignore it and return a new array as always.  The walk notices which, so a gradient
+written in place is never copied again, and a second gradient for the same leaf (a
+parameter used twice) is added into the slot.  Only whole gradients are written: a
+backward that uses its destination fills every element of it.
 """
 import contextlib
 
@@ -94,6 +106,11 @@ class Tensor:
     def _accumulate_grad(self, g):
         """grad += g, the first time as a copy (never alias an array of the graph)."""
         self.grad = g.copy() if self.grad is None else self.grad + g
+
+    def _empty_grad_slot(self):
+        """The array this tensor's next gradient may be written into directly, or None
+        (a plain tensor has none; a Parameter in a flat buffer has its view there)."""
+        return None
 
     def retain_grad(self):
         """Ask backward() to store .grad on this intermediate tensor as well."""
@@ -237,6 +254,13 @@ class Function:
     def backward(self, grad_out):
         raise NotImplementedError
 
+    grad_destinations = ()     # set by the graph walk just before backward()
+
+    def grad_destination(self, i):
+        """The array that input i's gradient may be written into (then return that array
+        from backward), or None: see "Gradients written in place" above."""
+        return self.grad_destinations[i] if i < len(self.grad_destinations) else None
+
 
 # --- the graph walk ---------------------------------------------------------------------
 
@@ -264,14 +288,29 @@ def _topological_order(root):
     return order
 
 
-def _accumulate(grads, t, g):
+def _accumulate(grads, t, g, in_place=()):
+    """grads[t] += g; in place when grads[t] is t's own gradient slot (in `in_place`)."""
     key = id(t)
-    grads[key] = g if key not in grads else grads[key] + g
+    if key not in grads:
+        grads[key] = g
+    elif key in in_place:
+        grads[key] += g
+    else:
+        grads[key] = grads[key] + g
+
+
+def _destinations(inputs, grads):
+    """For each input: its empty gradient slot if it is a leaf that no gradient has
+    reached yet (and it appears once among the inputs), else None."""
+    ids = [id(x) for x in inputs]
+    return tuple(None if x.creator is not None or not x.requires_grad or id(x) in grads
+                 or ids.count(id(x)) > 1 else x._empty_grad_slot() for x in inputs)
 
 
 def backward_walk(root, grad, retain_graph=False):
     """Backpropagate `grad` = dL/d(root) through the graph behind `root`."""
     grads = {id(root): grad}
+    written = set()          # leaves whose gradient so far sits in their own slot
     for t in reversed(_topological_order(root)):
         g = grads.pop(id(t), None)
         if g is None:
@@ -286,10 +325,12 @@ def backward_walk(root, grad, retain_graph=False):
             continue
         if t.retains_grad:
             t.grad = g.copy() if t.grad is None else t.grad + g
+        fn.grad_destinations = _destinations(fn.inputs, grads)
         input_grads = fn.backward(g)
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
-        for x, gx in zip(fn.inputs, input_grads):
+        for x, gx, slot in zip(fn.inputs, input_grads, fn.grad_destinations or
+                               (None,) * len(fn.inputs)):
             if gx is None or not x.requires_grad:
                 continue
             if tuple(gx.shape) != tuple(x.shape):
@@ -298,7 +339,10 @@ def backward_walk(root, grad, retain_graph=False):
             if gx.dtype != x.dtype:
                 raise RuntimeError(f"{type(fn).__name__}.backward returned a {gx.dtype} gradient "
                                    f"for a {x.dtype} input (a gradient keeps its input's dtype)")
-            _accumulate(grads, x, gx)
+            _accumulate(grads, x, gx, written)
+            if slot is not None and gx is slot:
+                written.add(id(x))
+        fn.grad_destinations = ()
         if not retain_graph:       # release the graph: the Function and what it saved
             t.creator = None
             t._graph_freed = True

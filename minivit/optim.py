@@ -10,10 +10,18 @@ has (on a GPU, a dozen kernel launches instead of a dozen per parameter).  The
 parameters it decays come first in the buffer, so weight decay is one slice.  State is
 saved and restored per parameter with state_dict() / load_state_dict() (plain arrays),
 so a run can resume exactly.
+
+On a GPU (float32 CUDA buffers) each whole-buffer update is one hand-written CUDA kernel
+(minivit/kernels/optim.cu) in place on the parameters and their state, with the bias
+corrections passed as host numbers: one launch per step instead of a dozen.  Gradient
+clipping can ride along: `optimizer.clip_grad_norm(max_norm)` computes the global norm
+now (one reduction kernel) and leaves the clip factor on the device for the next step(),
+which scales each gradient as it reads it; nothing is read back to the host.
 """
 import math
 
-from minivit import backend, fast
+from minivit import backend, fast, kernels
+from minivit.kernels import optim as _optim_cuda
 from minivit.nn.module import ParameterBuffer
 
 
@@ -31,6 +39,7 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
         self.lr = lr
         self.steps = 0
+        self.grad_scale = None      # the clip factor for the next step (clip_grad_norm)
         self.no_decay = {id(p) for p in no_decay}
         groups = {}
         for p in self.params:                       # one buffer per dtype and device
@@ -52,22 +61,44 @@ class Optimizer:
         for buffer in self.buffers:
             buffer.zero_grad()
 
+    def clip_grad_norm(self, max_norm):
+        """Clip the gradients as clip_grad_norm(self.params, max_norm) does, inside the
+        next step(): the global norm is computed now and returned (a 0-d array on the
+        device, nothing read back); step() multiplies every gradient by the clip factor
+        as it reads it (on a GPU inside its one update kernel), so p.grad itself keeps
+        the unclipped values.  max_norm None: the norm only, nothing is clipped."""
+        grads = [buffer.grad for buffer in self.buffers]
+        limit = math.inf if max_norm is None else max_norm
+        if len(grads) == 1 and kernels.usable(grads[0]):
+            norm, scale = GRAD_NORM_KERNEL(grads[0], limit)
+        else:
+            norm, scale = global_norm_and_clip_factor(grads, limit)
+        self.grad_scale = None if max_norm is None else scale
+        return norm
+
     def step(self):
         """One update of every parameter (a parameter whose .grad is None has a zero
         gradient: momentum and weight decay still act on it)."""
         self.steps += 1
+        scale, self.grad_scale = self.grad_scale, None
         for buffer, state in zip(self.buffers, self.state):
             if buffer.stale:
                 raise RuntimeError(f"{type(self).__name__}.step: a parameter was moved to another "
                                    "device or cast to another dtype after the optimiser was "
                                    "created; create the optimiser after model.to(...) / "
                                    "model.astype(...)")
+            s = scale
+            if s is not None and (s.dtype != buffer.grad.dtype or
+                                  backend.device_of(s) != backend.device_of(buffer.grad)):
+                s = backend.to_device(s.astype(buffer.grad.dtype), backend.device_of(buffer.grad))
             if fast.enabled("flat_optimizer"):
-                self.update_flat(buffer, state)
+                self.update_flat(buffer, state, s)
                 continue
             for p, offset in zip(buffer.params, buffer.offsets):     # one tensor at a time
                 part = slice(offset, offset + p.size)
-                self.update(buffer.data[part].reshape(p.shape), buffer.grad[part].reshape(p.shape),
+                g = buffer.grad[part].reshape(p.shape)
+                self.update(buffer.data[part].reshape(p.shape),
+                            g if s is None else g * s.reshape(()),
                             {slot: a[part].reshape(p.shape) for slot, a in state.items()},
                             offset < buffer.decayed)
 
@@ -76,9 +107,18 @@ class Optimizer:
         state arrays `state` (views, updated in place); `decays`: weight decay applies."""
         raise NotImplementedError
 
-    def update_flat(self, buffer, state):
-        """Fast path: the same step on a whole flat buffer (decayed parameters first)."""
+    def update_flat(self, buffer, state, scale=None):
+        """Fast path: the same step on a whole flat buffer (decayed parameters first), with
+        every gradient multiplied by `scale` (a one-element array) if given."""
         raise NotImplementedError
+
+    def scale_for(self, buffer, scale):
+        """The clip factor as the update kernel takes it: an array of one float32."""
+        if scale is not None:
+            return scale
+        if getattr(buffer, "ones", None) is None:
+            buffer.ones = backend.array_module(buffer.grad).ones(1, dtype=buffer.grad.dtype)
+        return buffer.ones
 
     # --- saving and restoring -------------------------------------------------------
 
@@ -141,18 +181,31 @@ class SGD(Optimizer):
             g = g + self.weight_decay * w
         w -= self.lr * g
 
-    def update_flat(self, buffer, state):
-        w, g, n = buffer.data, buffer.grad, buffer.decayed
-        if self.momentum:
-            b = state["buffers"]
-            b *= self.momentum
-            b += g
-            g = g + self.momentum * b if self.nesterov else b
-        if self.weight_decay and n:
-            w[:n] -= self.lr * (g[:n] + self.weight_decay * w[:n])
-            w[n:] -= self.lr * g[n:]
+    def update_flat(self, buffer, state, scale=None):
+        args = (buffer.data, buffer.grad, state["buffers"], scale, self.lr, self.momentum,
+                self.nesterov, self.weight_decay, buffer.decayed)
+        if kernels.usable(buffer.data):
+            SGD_KERNEL(*args[:3], self.scale_for(buffer, scale), *args[4:])
         else:
-            w -= self.lr * g
+            sgd_flat(*args)
+
+
+def sgd_flat(w, g, b, scale, lr, momentum, nesterov, weight_decay, decayed):
+    """SGD on whole flat buffers, in place on w and b (elements [0, decayed) are decayed);
+    g is multiplied by `scale` first if given.  Returns (w, b)."""
+    if scale is not None:
+        g = g * scale
+    if momentum:
+        b *= momentum
+        b += g
+        g = g + momentum * b if nesterov else b
+    n = decayed
+    if weight_decay and n:
+        w[:n] -= lr * (g[:n] + weight_decay * w[:n])
+        w[n:] -= lr * g[n:]
+    else:
+        w -= lr * g
+    return w, b
 
 
 class AdamW(Optimizer):
@@ -198,20 +251,33 @@ class AdamW(Optimizer):
         w -= self.lr * (m_hat / (xp.sqrt(v_hat) + self.eps)
                         + (self.weight_decay * w if decays else 0))
 
-    def update_flat(self, buffer, state):
-        xp = backend.array_module(buffer.data)
-        w, g, m, v = buffer.data, buffer.grad, state["m"], state["v"]
-        m *= self.b1
-        m += (1 - self.b1) * g
-        v *= self.b2
-        v += (1 - self.b2) * (g * g)
+    def update_flat(self, buffer, state, scale=None):
         t = self.steps
         step_size = self.lr * math.sqrt(1 - self.b2 ** t) / (1 - self.b1 ** t)
         eps_hat = self.eps * math.sqrt(1 - self.b2 ** t)
-        n = buffer.decayed
-        if self.weight_decay and n:
-            w[:n] -= (self.lr * self.weight_decay) * w[:n]
-        w -= step_size * m / (xp.sqrt(v) + eps_hat)
+        args = (buffer.data, buffer.grad, state["m"], state["v"], scale, self.b1, self.b2,
+                step_size, eps_hat, self.lr * self.weight_decay, buffer.decayed)
+        if kernels.usable(buffer.data):
+            ADAMW_KERNEL(*args[:4], self.scale_for(buffer, scale), *args[5:])
+        else:
+            adamw_flat(*args)
+
+
+def adamw_flat(w, g, m, v, scale, b1, b2, step_size, eps_hat, lr_wd, decayed):
+    """AdamW on whole flat buffers, in place on w, m and v, the bias corrections folded
+    into step_size and eps_hat; elements [0, decayed) lose lr_wd * w first; g is
+    multiplied by `scale` first if given.  Returns (w, m, v)."""
+    xp = backend.array_module(w)
+    if scale is not None:
+        g = g * scale
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * (g * g)
+    if lr_wd and decayed:
+        w[:decayed] -= lr_wd * w[:decayed]
+    w -= step_size * m / (xp.sqrt(v) + eps_hat)
+    return w, m, v
 
 
 def clip_grad_norm(params, max_norm):
@@ -227,18 +293,26 @@ def clip_grad_norm(params, max_norm):
     grads = _flat_grads(params)
     if not grads:
         return backend.asarray(0.0)
+    total, scale = global_norm_and_clip_factor(grads, math.inf if max_norm is None else max_norm)
+    if max_norm is not None:
+        for g in grads:
+            g *= scale.astype(g.dtype, copy=False)
+    return total
+
+
+def global_norm_and_clip_factor(grads, max_norm):
+    """(sqrt(sum of g^2 over every array), summed in float64, as a 0-d array; the clip
+    factor max_norm / (norm + 1e-6) where the norm exceeds max_norm and is finite, else
+    1, as an array of one value of the gradients' dtype), both on the device."""
     xp = backend.array_module(grads[0])
     total = None
     for g in grads:
         squares = (g * g).sum(dtype="float64")
         total = squares if total is None else total + squares
     total = xp.sqrt(total)
-    if max_norm is not None:
-        clip = (total > max_norm) & xp.isfinite(total)
-        scale = xp.where(clip, max_norm / (total + 1e-6), 1.0)
-        for g in grads:
-            g *= scale.astype(g.dtype)
-    return total
+    clip = (total > max_norm) & xp.isfinite(total)
+    scale = xp.where(clip, max_norm / (total + 1e-6), 1.0).astype(grads[0].dtype).reshape(1)
+    return total, scale
 
 
 def _flat_grads(params):
@@ -251,6 +325,17 @@ def _flat_grads(params):
             sorted(id(q) for b in buffers.values() for q in b.params) == sorted(params):
         return [b.grad for b in buffers.values()]
     return [p.grad for p in params.values() if p.grad is not None]
+
+
+# Fast paths (GPU): each whole-buffer update as one CUDA kernel, in place; the global norm
+# as one reduction kernel that also leaves the clip factor on the device.
+ADAMW_KERNEL = kernels.Kernel("adamw_update", "optim.cu", _optim_cuda.adamw, adamw_flat,
+                              sample=kernels.leading(0, 1, 2, 3, n=4096))
+SGD_KERNEL = kernels.Kernel("sgd_update", "optim.cu", _optim_cuda.sgd, sgd_flat,
+                            sample=kernels.leading(0, 1, 2, n=4096))
+GRAD_NORM_KERNEL = kernels.Kernel(
+    "grad_norm", "optim.cu", _optim_cuda.grad_norm,
+    lambda g, max_norm: global_norm_and_clip_factor([g], max_norm), rtol=1e-5, atol=1e-7)
 
 
 def warmup_cosine(step, total_steps, warmup_steps, base_lr, final_lr=0.0):

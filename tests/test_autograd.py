@@ -26,6 +26,13 @@ backward_walk and _topological_order).  These tests check, in order:
    (test_ndarray_on_the_left_defers_to_tensor), and a tensor reports its shape, dtype,
    device and values (test_tensor_attributes).
 
+8. A parameter in an optimiser's flat buffer may get its gradient written straight into
+   its slot there (Function.grad_destination): a whole cifar-tiny model gets exactly the
+   gradients it gets without buffers, and the Linear layers' ones are written in place,
+   not copied (test_gradients_written_into_their_slots_are_the_same_gradients); a
+   parameter used twice, or across two backward passes, still adds both contributions
+   (test_a_parameter_used_twice_still_adds_both_gradients).
+
 Then the errors: backward without a gradient on a non-scalar, bad constructors, and a
 Function whose backward returns a gradient of the wrong shape or dtype.
 """
@@ -173,6 +180,76 @@ def test_tensor_attributes(device):
     assert d.creator is None and not d.requires_grad
     assert "requires_grad=True" in repr(x) and f"device='{device}'" in repr(x)
     assert x.is_leaf and not (x * 2).is_leaf
+
+
+# --- gradients written into their slots of a flat buffer ---------------------------------
+
+def cifar_tiny_gradients(device, in_buffer, copied=None):
+    from minivit.nn.module import Parameter
+    from minivit.nn.vit import VisionTransformer
+    from minivit.optim import AdamW
+    rng = np.random.default_rng(0)
+    model = VisionTransformer("cifar-tiny", seed=1).to(device).astype("float64")
+    for i, p in enumerate(model.parameters()):          # the head starts at zero: nudge all
+        p.data = p.data + mv.backend.asarray(
+            0.02 * np.random.default_rng(i).standard_normal(p.shape), device=device)
+    if in_buffer:
+        AdamW(model.parameters(), lr=0.1)
+    if copied is not None:                              # note each gradient copied in
+        accumulate = Parameter._accumulate_grad
+
+        def noting(p, g):
+            if g is not p._grad_view:
+                copied.append(p)
+            accumulate(p, g)
+        Parameter._accumulate_grad = noting
+    try:
+        logits = model(mv.tensor(rng.standard_normal((3, 3, 32, 32)), device=device))
+        labels = mv.backend.asarray(rng.integers(0, 10, 3), device=device)
+        mv.cross_entropy(logits, labels).backward()
+    finally:
+        if copied is not None:
+            Parameter._accumulate_grad = accumulate
+    return model, {name: numpy_grad(p) for name, p in model.named_parameters()}
+
+
+def test_gradients_written_into_their_slots_are_the_same_gradients(device):
+    copied = []
+    model, in_slots = cifar_tiny_gradients(device, in_buffer=True, copied=copied)
+    _, plain = cifar_tiny_gradients(device, in_buffer=False)
+    assert in_slots.keys() == plain.keys()
+    for name in plain:
+        np.testing.assert_array_equal(in_slots[name], plain[name], err_msg=name)
+    linear = [p for name, p in model.named_parameters()
+              if name.endswith(("qkv.weight", "qkv.bias", "fc1.weight", "head.bias"))]
+    assert linear and not any(p in copied for p in linear)      # written in place
+    assert all(p.grad is p._grad_view for p in model.parameters())
+
+
+def test_a_parameter_used_twice_still_adds_both_gradients(device):
+    from minivit.nn import Linear
+    from minivit.optim import SGD
+    rng = np.random.default_rng(3)
+    x = mv.tensor(rng.standard_normal((4, 5)), device=device)
+    g = mv.tensor(rng.standard_normal((4, 5)), device=device)
+
+    def grads(in_buffer, passes):
+        layer = Linear(5, 5, np.random.default_rng(0)).to(device).astype("float64")
+        if in_buffer:
+            SGD(layer.parameters(), lr=0.1)
+        for _ in range(passes):
+            (layer(layer(x)) * g).sum().backward()            # W and b used twice
+        return numpy_grad(layer.weight), numpy_grad(layer.bias)
+    w, b = grads(False, 1)
+    x_np, g_np = x.numpy(), g.numpy()
+    layer = Linear(5, 5, np.random.default_rng(0)).astype("float64")
+    W, bias = layer.weight.numpy(), layer.bias.numpy()
+    h = x_np @ W + bias                                         # dL/dh = g W^T
+    np.testing.assert_allclose(w, h.T @ g_np + x_np.T @ (g_np @ W.T), rtol=1e-12)
+    np.testing.assert_allclose(b, g_np.sum(0) + (g_np @ W.T).sum(0), rtol=1e-12)
+    for passes in (1, 2):
+        for got, want in zip(grads(True, passes), (passes * w, passes * b)):
+            np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 # --- errors, dtypes and devices ---------------------------------------------------------

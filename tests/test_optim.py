@@ -26,7 +26,13 @@ AdamW, clip_grad_norm, warmup_cosine).  These tests check, in order:
    (test_parameters_and_gradients_are_views_of_one_buffer).
 
 Then the errors, and the fast path: the whole-buffer updates equal the per-tensor loop
-exactly, and cost a fixed number of GPU launches and no read.
+exactly, and cost a fixed number of GPU launches and no read.  Clipping inside the step
+(optimizer.clip_grad_norm) updates exactly as clipping the gradients first does, and
+leaves p.grad alone (test_clipping_inside_the_step_equals_clipping_first).  On a GPU each
+update is one CUDA kernel: on the stand-in it equals the whole-buffer reference and the
+textbook per-tensor rule (test_the_update_kernels_equal_the_reference), and norm, clip
+and AdamW are two launches, no read and no copy, whatever the number of parameters
+(test_clipping_and_the_update_kernel_cost_two_launches_and_no_read).
 """
 import math
 
@@ -299,3 +305,96 @@ def test_a_step_and_clipping_cost_a_fixed_number_of_launches_and_no_read(standin
         assert counts["reads"] == 0 and counts["copies"] == 0
         launches.append(counts["launches"])
     assert launches[0] == launches[1] <= 30, launches        # 11 clipping, 14 AdamW, 1 fill
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: AdamW(ps, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, no_decay=[ps[2]]),
+    lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, no_decay=[ps[1]]),
+])
+def test_clipping_inside_the_step_equals_clipping_first(device, make):
+    def train(inside):
+        params, w0, grads = many_params(device)
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = mv.backend.to_device(3 * g, device)
+            if inside:
+                norm = opt.clip_grad_norm(1.0)
+                np.testing.assert_array_equal(numpy_grad(params[0]), 3 * step_grads[0])
+            else:
+                norm = clip_grad_norm(params, 1.0)
+            opt.step()
+            assert float(norm) > 1.0                                   # so it did clip
+        return [p.numpy() for p in params]
+    for got, want in zip(train(True), train(False)):
+        np.testing.assert_array_equal(got, want)
+
+
+def float32_params(n_params=5, seed=1, size=3000):
+    """Parameters of float32 on the GPU, big enough for the kernels' self-check slice."""
+    rng = np.random.default_rng(seed)
+    shapes = [(size // 10, 10), (7,), (1, 5, 2), (2, 2), (6,)][:n_params]
+    w0 = [rng.standard_normal(s).astype("float32") for s in shapes]
+    grads = [[(3 * rng.standard_normal(s)).astype("float32") for s in shapes] for _ in range(3)]
+    return w0, grads
+
+
+@pytest.mark.parametrize("which", ["adamw", "sgd", "sgd-nesterov", "sgd-no-momentum"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_the_update_kernels_equal_the_reference(standin, monkeypatch, which, clip):
+    from minivit import kernels, optim
+    make = {"adamw": lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, no_decay=[ps[2]]),
+            "sgd": lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+            "sgd-nesterov": lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+            "sgd-no-momentum": lambda ps: SGD(ps, lr=0.1, momentum=0.0)}[which]
+    w0, grads = float32_params()
+
+    def train(kernels_on):
+        monkeypatch.setenv("MINIVIT_KERNELS", "1" if kernels_on else "0")
+        params = [Parameter(mv.backend.to_device(w.copy(), "cuda")) for w in w0]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = mv.backend.to_device(g, "cuda")
+            opt.clip_grad_norm(clip)
+            opt.step()
+        return [p.numpy() for p in params]
+    kernels.reset()
+    got, want = train(True), train(False)
+    kernel = optim.ADAMW_KERNEL if which == "adamw" else optim.SGD_KERNEL
+    assert kernel.status == "ok" and (clip is None or optim.GRAD_NORM_KERNEL.status == "ok")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    if which == "adamw":             # and the textbook rule, clipped by hand, in float64
+        w64 = [w.astype("float64") for w in w0]
+        clipped = []
+        for step_grads in grads:
+            norm = math.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in step_grads))
+            f = clip / (norm + 1e-6) if clip is not None and norm > clip else 1.0
+            clipped.append([g.astype("float64") * f for g in step_grads])
+        decays = [w.ndim >= 2 and i != 2 for i, w in enumerate(w0)]
+        textbook = per_tensor_adamw(w64, clipped, 0.01, (0.9, 0.999), 1e-8, 0.1, decays)
+        for g, w in zip(got, textbook):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_clipping_and_the_update_kernel_cost_two_launches_and_no_read(standin):
+    """The norm kernel leaves the clip factor on the device and the AdamW kernel scales
+    each gradient as it reads it: one launch each, for any number of parameters."""
+    if not hasattr(standin, "one_launch"):
+        pytest.skip("the stand-in counts a kernel as one launch once it has one_launch")
+    counts = []
+    for n in (2, 20):
+        params = [Parameter(mv.backend.to_device(np.ones((100, 50), "float32"), "cuda"))
+                  for _ in range(n)]
+        opt = AdamW(params, lr=0.1, weight_decay=0.1)
+        for p in params:
+            p.grad = mv.backend.to_device(np.ones((100, 50), "float32"), "cuda")
+        opt.clip_grad_norm(1.0)          # the first call checks the kernels themselves
+        opt.step()
+        standin.reset()
+        opt.clip_grad_norm(1.0)
+        opt.step()
+        counts.append(standin.counts())
+    for c in counts:
+        assert c["reads"] == 0 and c["copies"] == 0 and c["launches"] == 2, counts

@@ -17,7 +17,10 @@ class Parameter(Tensor):
     and .grad are views into one array each, and assigning to them copies into the view
     (same shape, dtype and device) instead of replacing it, so `p.data = values`,
     `p.grad = g` and load_state_dict keep the buffer whole.  An array of another dtype
-    or device (Module.to, Module.astype) takes the parameter out of its buffer.
+    or device (Module.to, Module.astype) takes the parameter out of its buffer.  While
+    its gradient is unset, the graph walk offers its .grad view as the place a Function's
+    backward may write the gradient into (minivit.autograd, "Gradients written in
+    place"), so the gradient lands in the buffer without a copy.
     """
 
     def __init__(self, data, name=None):
@@ -66,10 +69,15 @@ class Parameter(Tensor):
         if self._buffer is None:
             return super()._accumulate_grad(g)
         if self._grad is None:                     # the gradient lands in the buffer
-            self._grad_view[...] = g
+            if g is not self._grad_view:           # (unless backward wrote it there)
+                self._grad_view[...] = g
             self._grad = self._grad_view
         else:
             self._grad_view += g
+
+    def _empty_grad_slot(self):
+        """In a flat buffer, before any gradient has arrived: the view for .grad there."""
+        return self._grad_view if self._buffer is not None and self._grad is None else None
 
 
 def _fits(value, like):

@@ -14,21 +14,24 @@ from minivit.autograd import Function, Tensor, as_tensor
 array_module = backend.array_module
 
 
-def unbroadcast(g, shape):
+def unbroadcast(g, shape, out=None):
     """Sum g down to `shape`: the gradient of an input that was broadcast to g's shape.
 
     Broadcasting prepends axes and stretches axes of length 1; both copy values, and
-    the gradient of a copied value is the sum over its copies.
+    the gradient of a copied value is the sum over its copies: one sum over all those
+    axes.  out: an array of `shape` to write the sum into (then returned), or None.
     """
     shape = tuple(shape)
     if g.shape == shape:
         return g
     extra = g.ndim - len(shape)
-    g = g.sum(axis=tuple(range(extra))) if extra > 0 else g
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    if stretched:
-        g = g.sum(axis=stretched, keepdims=True)
-    return g
+    axes = tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape)
+                                       if n == 1 and g.shape[extra + i] != 1)
+    kept = (1,) * extra + shape                       # the sum's shape with keepdims
+    if out is not None:
+        g.sum(axis=axes, keepdims=True, out=out.reshape(kept))
+        return out
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
 def row_sum(x, keepdims=False):
@@ -45,11 +48,13 @@ def row_mean(x, keepdims=False):
     return row_sum(x, keepdims) / x.shape[-1]
 
 
-def column_sum(x):
-    """The sum over every axis but the last."""
+def column_sum(x, out=None):
+    """The sum over every axis but the last (written into `out` if given)."""
     if fast.enabled("blas_sums") and backend.device_of(x) == "cpu":
-        return _column_sum_blas(x)
-    return x.reshape(-1, x.shape[-1]).sum(axis=0)
+        s = _column_sum_blas(x, out)
+    else:
+        s = x.reshape(-1, x.shape[-1]).sum(axis=0, out=out)
+    return s if out is None else out
 
 
 def _row_sum_blas(x):
@@ -57,10 +62,11 @@ def _row_sum_blas(x):
     return x @ array_module(x).ones(x.shape[-1], dtype=x.dtype)
 
 
-def _column_sum_blas(x):
+def _column_sum_blas(x, out=None):
     """Fast path (CPU): (1, ..., 1) X with x as a (rows, D) matrix X, one BLAS call."""
     rows = x.reshape(-1, x.shape[-1])
-    return array_module(x).ones(rows.shape[0], dtype=x.dtype) @ rows
+    xp = array_module(x)
+    return xp.matmul(xp.ones(rows.shape[0], dtype=x.dtype), rows, out=out)
 
 
 def _axes(axis, ndim):
@@ -90,7 +96,8 @@ class Add(Function):
         return a + b
 
     def backward(self, g):
-        return unbroadcast(g, self.shapes[0]), unbroadcast(g, self.shapes[1])
+        return (unbroadcast(g, self.shapes[0], self.grad_destination(0)),
+                unbroadcast(g, self.shapes[1], self.grad_destination(1)))
 
 
 class Sub(Function):
@@ -331,7 +338,7 @@ class BroadcastTo(Function):
         return array_module(x).broadcast_to(x, self.shape)
 
     def backward(self, g):
-        return unbroadcast(g, self.x_shape)
+        return unbroadcast(g, self.x_shape, self.grad_destination(0))
 
 
 def _is_advanced(index):
@@ -440,10 +447,16 @@ class Affine(Function):
         return y.reshape(x.shape[:-1] + (w.shape[1],))
 
     def backward(self, g):
+        xp = array_module(g)
         g = g.reshape(-1, self.w.shape[1])                    # (rows, out)
         dx = (g @ self.w.T).reshape(self.x_shape)
-        dw = self.x.T @ g
-        return (dx, dw) if len(self.inputs) == 2 else (dx, dw, column_sum(g))
+        # dW and db straight into the parameters' gradient slots when the walk offers them
+        slot = self.grad_destination(1)
+        dw = xp.matmul(self.x.T, g, out=slot)
+        dw = dw if slot is None else slot
+        if len(self.inputs) == 2:
+            return dx, dw
+        return dx, dw, column_sum(g, out=self.grad_destination(2))
 
 
 # --- devices --------------------------------------------------------------------------
