@@ -330,12 +330,15 @@ def _flat_grads(params):
 # Fast paths (GPU): each whole-buffer update as one CUDA kernel, in place; the global norm
 # as one reduction kernel that also leaves the clip factor on the device.
 ADAMW_KERNEL = kernels.Kernel("adamw_update", "optim.cu", _optim_cuda.adamw, adamw_flat,
-                              sample=kernels.leading(0, 1, 2, 3, n=4096))
+                              sample=kernels.leading(0, 1, 2, 3, n=4096),
+                              example=_optim_cuda.example_adamw)
 SGD_KERNEL = kernels.Kernel("sgd_update", "optim.cu", _optim_cuda.sgd, sgd_flat,
-                            sample=kernels.leading(0, 1, 2, n=4096))
+                            sample=kernels.leading(0, 1, 2, n=4096),
+                            example=_optim_cuda.example_sgd)
 GRAD_NORM_KERNEL = kernels.Kernel(
     "grad_norm", "optim.cu", _optim_cuda.grad_norm,
-    lambda g, max_norm: global_norm_and_clip_factor([g], max_norm), rtol=1e-5, atol=1e-7)
+    lambda g, max_norm: global_norm_and_clip_factor([g], max_norm), rtol=1e-5, atol=1e-7,
+    example=_optim_cuda.example_grad_norm)
 
 
 def warmup_cosine(step, total_steps, warmup_steps, base_lr, final_lr=0.0):

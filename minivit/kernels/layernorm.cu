@@ -143,14 +143,15 @@ extern "C" __global__ void layernorm_backward_1024(const float* dy, const float*
     backward_rows<32>(dy, x, gamma, mean, rstd, dx, partial, rows, d);
 }
 
-// One thread per column j of the (parts, 2 d) buffer: out[j] = sum over parts, in order.
-// out is dgamma followed by dbeta (2 d values).
-extern "C" __global__ void layernorm_column_sums(const float* partial, float* out, int parts,
-                                                 int d) {
+// One thread per column j of the (parts, 2 d) buffer, summed over parts in order:
+// dgamma[j] for j < d, dbeta[j - d] for the rest (each may be a parameter's gradient slot).
+extern "C" __global__ void layernorm_column_sums(const float* partial, float* dgamma,
+                                                 float* dbeta, int parts, int d) {
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < 2 * d;
          j += gridDim.x * blockDim.x) {
         float s = 0.0f;
         for (int p = 0; p < parts; p++) s += partial[(long long)p * 2 * d + j];
-        out[j] = s;
+        if (j < d) dgamma[j] = s;
+        else dbeta[j - d] = s;
     }
 }

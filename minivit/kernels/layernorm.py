@@ -1,16 +1,16 @@
 """Launchers of layernorm.cu's kernels: LayerNorm forward and backward over the last axis."""
 from minivit import backend
-from minivit.kernels import function
+from minivit.kernels import function, normal
 
 MAX_WIDTH = 1024          # the widest row a warp holds in registers (32 values a lane)
+THREADS = 256             # 8 warps a block, one row per warp at a time
+ROWS_PER_BLOCK = THREADS // 32
+MAX_BLOCKS = 512          # the backward's partial sums: at most this many blocks
 
 
 def _width(d):
     """The kernels' suffix for rows d wide: _256 (8 values a lane) or _1024 (32)."""
     return "_256" if d <= 256 else "_1024"
-THREADS = 256             # 8 warps a block, one row per warp at a time
-ROWS_PER_BLOCK = THREADS // 32
-MAX_BLOCKS = 512          # the backward's partial sums: at most this many blocks
 
 
 def _rows(x):
@@ -34,8 +34,9 @@ def forward(x, gamma, beta, eps):
     return y.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
 
 
-def backward(dy, x, gamma, mean, rstd):
-    """(dx, dgamma, dbeta) from dy, the forward's input x, gamma, mu and 1/sigma."""
+def backward(dy, x, gamma, mean, rstd, dgamma=None, dbeta=None):
+    """(dx, dgamma, dbeta) from dy, the forward's input x, gamma, mu and 1/sigma; dgamma
+    and dbeta written into the given contiguous arrays (gradient slots), if any."""
     xp, rows, d = _rows(x)
     n = rows.shape[0]
     dy_rows = xp.ascontiguousarray(dy).reshape(-1, d)
@@ -46,11 +47,12 @@ def backward(dy, x, gamma, mean, rstd):
         (blocks,), (THREADS,), (dy_rows, rows, xp.ascontiguousarray(gamma),
                                 xp.ascontiguousarray(mean), xp.ascontiguousarray(rstd),
                                 dx, partial, xp.int64(n), xp.int32(d)))
-    sums = xp.empty(2 * d, dtype=rows.dtype)
+    dgamma = xp.empty(d, dtype=rows.dtype) if dgamma is None else dgamma
+    dbeta = xp.empty(d, dtype=rows.dtype) if dbeta is None else dbeta
     function("layernorm.cu", "layernorm_column_sums")(
-        ((2 * d + THREADS - 1) // THREADS,), (THREADS,), (partial, sums, xp.int32(blocks),
-                                                         xp.int32(d)))
-    return dx.reshape(x.shape), sums[:d], sums[d:]
+        ((2 * d + THREADS - 1) // THREADS,), (THREADS,), (partial, dgamma, dbeta,
+                                                         xp.int32(blocks), xp.int32(d)))
+    return dx.reshape(x.shape), dgamma, dbeta
 
 
 # Inputs at a training-like size (cifar-small at batch 128: 65 tokens of width 192), for
@@ -59,17 +61,12 @@ def backward(dy, x, gamma, mean, rstd):
 TOKENS = (128, 65, 192)
 
 
-def _normal(xp, *shapes):
-    rng = xp.random.default_rng(0)
-    return tuple(rng.standard_normal(shape, dtype="float32") for shape in shapes)
-
-
 def example_forward(xp):
     """x, gamma, beta, eps: a LayerNorm's input in a training step."""
-    return (*_normal(xp, TOKENS, TOKENS[-1:], TOKENS[-1:]), 1e-6)
+    return (*normal(xp, TOKENS, TOKENS[-1:], TOKENS[-1:]), 1e-6)
 
 
 def example_backward(xp):
     """dy, x, gamma, mu, 1/sigma."""
-    dy, x, gamma, mu, s = _normal(xp, TOKENS, TOKENS, TOKENS[-1:], TOKENS[:-1], TOKENS[:-1])
+    dy, x, gamma, mu, s = normal(xp, TOKENS, TOKENS, TOKENS[-1:], TOKENS[:-1], TOKENS[:-1])
     return dy, x, gamma, mu, xp.abs(s) + 0.5

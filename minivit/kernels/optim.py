@@ -1,7 +1,7 @@
 """Launchers of optim.cu's kernels: AdamW and SGD on a whole flat buffer, in place, and
 the global gradient norm with its clip factor."""
 from minivit import backend
-from minivit.kernels import BLOCK, blocks, function
+from minivit.kernels import BLOCK, blocks, function, normal
 
 NORM_BLOCKS = 1024          # at most this many blocks (and partial sums) for grad_norm
 
@@ -36,3 +36,27 @@ def grad_norm(g, max_norm):
     function("optim.cu", "grad_norm")(
         grid, (BLOCK,), (g, partial, norm, scale, xp.float64(max_norm), xp.int64(n)))
     return norm, scale
+
+
+# Inputs at a training-like size (cifar-small's 1.8M parameters, the first 1.2M decayed),
+# for the GPU tests and timings.
+
+PARAMETERS, DECAYED = 1_806_538, 1_200_000
+
+
+def example_adamw(xp):
+    """w, g, m, v, clip factor, b1, b2, step size, eps_hat, lr * weight decay, decayed."""
+    w, g, m, v = normal(xp, PARAMETERS, PARAMETERS, PARAMETERS, PARAMETERS)
+    return (w, g, m, v * v, xp.full(1, 0.5, dtype="float32"), 0.9, 0.999, 1e-3, 1e-8, 1e-4,
+            DECAYED)
+
+
+def example_sgd(xp):
+    """w, g, momentum buffer, clip factor, lr, momentum, nesterov, weight decay, decayed."""
+    w, g, b = normal(xp, PARAMETERS, PARAMETERS, PARAMETERS)
+    return w, g, b, xp.full(1, 0.5, dtype="float32"), 0.03, 0.9, False, 1e-4, DECAYED
+
+
+def example_grad_norm(xp):
+    """g, max_norm: a gradient whose norm is clipped."""
+    return normal(xp, PARAMETERS)[0], 1.0

@@ -1,6 +1,6 @@
 """Launchers of softmax.cu's kernels: attention's row softmax of c S and its backward."""
 from minivit import backend
-from minivit.kernels import function
+from minivit.kernels import function, normal
 
 MAX_LENGTH = 1024         # the longest row a warp holds in registers (32 values a lane)
 THREADS = 256             # 8 warps a block, one row per warp at a time
@@ -37,18 +37,13 @@ SCORES = (128, 3, 65, 65)
 SCALE = 64 ** -0.5
 
 
-def _normal(xp, *shapes):
-    rng = xp.random.default_rng(0)
-    return tuple(rng.standard_normal(shape, dtype="float32") for shape in shapes)
-
-
 def example_forward(xp):
     """S, c: the scores of a training step and 1 / sqrt(D_h)."""
-    return (*_normal(xp, SCORES), SCALE)
+    return (*normal(xp, SCORES), SCALE)
 
 
 def example_backward(xp):
     """dA, A, c (A's rows positive, summing to 1)."""
-    da, s = _normal(xp, SCORES, SCORES)
+    da, s = normal(xp, SCORES, SCORES)
     a = xp.exp(s)
     return da, a / a.sum(axis=-1, keepdims=True), SCALE

@@ -189,10 +189,12 @@ def _softmax_backward_reference(da, a, scale):
 
 # Fast path (GPU): the scaled softmax and its backward as one kernel each, a warp per row.
 SOFTMAX_FORWARD = kernels.Kernel("attention_softmax_forward", "softmax.cu",
-                                 _softmax_cuda.forward, _softmax_reference)
+                                 _softmax_cuda.forward, _softmax_reference,
+                                 example=_softmax_cuda.example_forward)
 SOFTMAX_BACKWARD = kernels.Kernel("attention_softmax_backward", "softmax.cu",
                                   _softmax_cuda.backward, _softmax_backward_reference,
-                                  sample=kernels.leading(0, 1))
+                                  sample=kernels.leading(0, 1),
+                                  example=_softmax_cuda.example_backward)
 
 
 def _scaled_softmax(s, scale):

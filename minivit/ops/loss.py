@@ -79,10 +79,12 @@ def _backward_reference(z, labels, label_smoothing, g):
 # smoothed target itself and keeps nothing: the backward recomputes softmax(z) from z.
 CROSS_ENTROPY_FORWARD = kernels.Kernel("cross_entropy_forward", "loss.cu",
                                        _loss_cuda.forward, _forward_reference,
-                                       sample=kernels.leading(0, 1))
+                                       sample=kernels.leading(0, 1),
+                                       example=_loss_cuda.example_forward)
 CROSS_ENTROPY_BACKWARD = kernels.Kernel("cross_entropy_backward", "loss.cu",
                                         _loss_cuda.backward, _backward_reference,
-                                        sample=kernels.leading(0, 1))
+                                        sample=kernels.leading(0, 1),
+                                        example=_loss_cuda.example_backward)
 
 
 class LabelCrossEntropy(Function):

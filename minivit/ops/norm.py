@@ -52,10 +52,18 @@ class LayerNorm(Function):
 
     def backward(self, dy):
         if self.x_hat is None:
-            grads = LAYER_NORM_BACKWARD(dy, self.x, self.gamma, self.mu, self.inv_sigma)
+            grads = LAYER_NORM_BACKWARD(dy, self.x, self.gamma, self.mu, self.inv_sigma,
+                                        *self.slots())
         else:
-            grads = layer_norm_backward(dy, self.x_hat, self.gamma, self.inv_sigma)
+            grads = layer_norm_backward(dy, self.x_hat, self.gamma, self.inv_sigma,
+                                        *self.slots())
         return tuple(grad.astype(dtype, copy=False) for grad, dtype in zip(grads, self.dtypes))
+
+    def slots(self):
+        """Where dgamma and dbeta may be written: the parameters' gradient slots (or None)
+        when the graph walk offers them and they have the parameters' dtype."""
+        return tuple(self.grad_destination(i) if self.dtypes[i] == self.dtypes[0] else None
+                     for i in (1, 2))
 
 
 def layer_norm_forward(x, gamma, beta, eps):
@@ -71,14 +79,15 @@ def layer_norm_forward(x, gamma, beta, eps):
     return y, x_hat, inv_sigma
 
 
-def layer_norm_backward(dy, x_hat, gamma, inv_sigma):
-    """LayerNorm's backward on raw arrays: (dx, dgamma, dbeta)."""
+def layer_norm_backward(dy, x_hat, gamma, inv_sigma, dgamma=None, dbeta=None):
+    """LayerNorm's backward on raw arrays: (dx, dgamma, dbeta); dgamma and dbeta written
+    into the arrays given, if any."""
     g = dy * gamma                                        # dL/dx_hat
     dx = g - row_mean(g, keepdims=True)                   # dx = (g - mean(g)
     dx -= x_hat * row_mean(g * x_hat, keepdims=True)      #       - x_hat mean(g x_hat))
     dx *= inv_sigma                                       #      / sigma
-    dgamma = column_sum(dy * x_hat)
-    dbeta = column_sum(dy)
+    dgamma = column_sum(dy * x_hat, out=dgamma)
+    dbeta = column_sum(dy, out=dbeta)
     return dx, dgamma, dbeta
 
 
@@ -92,17 +101,19 @@ def _forward_reference(x, gamma, beta, eps):
     return y, row_mean(x), inv_sigma[..., 0]
 
 
-def _backward_reference(dy, x, gamma, mu, inv_sigma):
+def _backward_reference(dy, x, gamma, mu, inv_sigma, dgamma=None, dbeta=None):
     """(dx, dgamma, dbeta), x_hat recomputed from x, mu and 1/sigma."""
     x_hat = (x - mu[..., None]) * inv_sigma[..., None]
-    return layer_norm_backward(dy, x_hat, gamma, inv_sigma[..., None])
+    return layer_norm_backward(dy, x_hat, gamma, inv_sigma[..., None], dgamma, dbeta)
 
 
 LAYER_NORM_FORWARD = kernels.Kernel("layernorm_forward", "layernorm.cu",
-                                    _layernorm_cuda.forward, _forward_reference)
+                                    _layernorm_cuda.forward, _forward_reference,
+                                    example=_layernorm_cuda.example_forward)
 LAYER_NORM_BACKWARD = kernels.Kernel("layernorm_backward", "layernorm.cu",
                                      _layernorm_cuda.backward, _backward_reference,
-                                     sample=kernels.leading(0, 1, 3, 4))
+                                     sample=kernels.leading(0, 1, 3, 4),
+                                     example=_layernorm_cuda.example_backward)
 
 
 def layer_norm(x, gamma, beta, eps=1e-6):
