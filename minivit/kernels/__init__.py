@@ -51,6 +51,18 @@ def blocks(n, block=BLOCK):
     return ((n + block - 1) // block,)
 
 
+def source(path):
+    """The CUDA source of a .cu file with each `#include "NAME"` replaced by the file NAME
+    of this folder (warp.cuh), so NVRTC (and CuPy's cache of compiled kernels, keyed by
+    the source) sees the whole program."""
+    lines = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        if line.startswith('#include "'):
+            line = (FOLDER / line.split('"')[1]).read_text()
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 _modules = {}
 
 
@@ -59,7 +71,7 @@ def function(file, name):
     module = _modules.get(file)
     if module is None:
         cupy = backend.module_for("cuda")
-        module = cupy.RawModule(code=(FOLDER / file).read_text(), options=OPTIONS)
+        module = cupy.RawModule(code=source(FOLDER / file), options=OPTIONS)
         _modules[file] = module
     return module.get_function(name)
 

@@ -18,7 +18,7 @@ import pathlib
 import re
 import sys
 
-from minivit.kernels import FOLDER, OPTIONS
+from minivit.kernels import FOLDER, OPTIONS, source as read_source
 
 ARCHITECTURES = ("80", "90", "100")         # A100, H100/H200, B200
 INSTALL = 'pip install "nvidia-cuda-nvrtc-cu12>=12.8"'
@@ -98,7 +98,7 @@ def compile_all(architectures=ARCHITECTURES, out=None, folder=None):
     print(f"NVRTC {nvrtc_version(nvrtc)} ({path}), options {' '.join(OPTIONS)}", file=out)
     failures = 0
     for file in sorted(pathlib.Path(folder or FOLDER).glob("*.cu")):
-        source = file.read_text()
+        source = read_source(file)
         for arch in architectures:
             cubin, log = compile_source(nvrtc, source, file.name, arch)
             for name in kernel_names(source):

@@ -10,14 +10,8 @@
 // fixed order into a (blocks, 2, d) buffer that layernorm_column_sums adds up: no
 // atomics, so the result is the same on every run.
 
-#define WARP 32
+#include "warp.cuh"                 // WARP, NEG_INF, warp_sum, warp_max
 #define WARPS_PER_BLOCK 8                   // launched with 256 threads
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
 
 // Each warp: rows warp, warp + (all warps of the grid), ...
 //   mu = mean(x),  1/sigma = 1 / sqrt(mean((x - mu)^2) + eps),  y = gamma x_hat + beta.

@@ -6,22 +6,9 @@
 //     (1 - s) (lse - z_y) + s (lse - mean_j z_j).
 // A label outside [0, k) makes the forward's loss NaN (as the reference's check does).
 
-#define WARP 32
+#include "warp.cuh"                 // WARP, NEG_INF, warp_sum, warp_max
 #define WARPS_PER_BLOCK 8                   // launched with 256 threads
-#define NEG_INF __int_as_float(0xff800000)  // -infinity (no headers here)
 #define NAN_F __int_as_float(0x7fffffff)
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
 
 // The row's log sum exp, m + log sum_j exp(z_j - m) with m = max_j z_j (a warp's work).
 __device__ float row_lse(const float* zr, int k, int lane) {

@@ -57,6 +57,16 @@ extern "C" __global__ void sgd_update(float* w, const float* g, float* b, const 
 // (they do not: minivit issues them on one stream).
 __device__ unsigned int blocks_done = 0;
 
+// The sum of v over the block's 256 threads (a tree in shared memory), in sums[0].
+__device__ void block_sum(double v, double* sums) {
+    sums[threadIdx.x] = v;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
+        __syncthreads();
+    }
+}
+
 extern "C" __global__ void grad_norm(const float* g, double* partial, double* norm,
                                      float* scale, double max_norm, long long n) {
     __shared__ double sums[256];
@@ -67,12 +77,7 @@ extern "C" __global__ void grad_norm(const float* g, double* partial, double* no
         double x = g[i];
         acc += x * x;
     }
-    sums[threadIdx.x] = acc;
-    __syncthreads();
-    for (int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
-        __syncthreads();
-    }
+    block_sum(acc, sums);
     if (threadIdx.x == 0) {
         partial[blockIdx.x] = sums[0];
         __threadfence();                     // the partial sum is visible before the count
@@ -83,12 +88,7 @@ extern "C" __global__ void grad_norm(const float* g, double* partial, double* no
     acc = 0.0;
     for (unsigned int b = threadIdx.x; b < gridDim.x; b += blockDim.x)
         acc += ((volatile double*)partial)[b];
-    sums[threadIdx.x] = acc;
-    __syncthreads();
-    for (int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
-        __syncthreads();
-    }
+    block_sum(acc, sums);
     if (threadIdx.x == 0) {
         double total = sqrt(sums[0]);
         norm[0] = total;

@@ -8,20 +8,7 @@
 // sums are warp reductions.  Each kernel comes in two lengths: *_256 (PER_LANE = 8: rows
 // up to 256 long, e.g. T = 65 or 197) and *_1024 (PER_LANE = 32: up to 1024, e.g. 577).
 
-#define WARP 32
-#define NEG_INF __int_as_float(0xff800000)  // -infinity (no headers here)
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int offset = WARP / 2; offset > 0; offset /= 2)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
+#include "warp.cuh"                 // WARP, NEG_INF, warp_sum, warp_max
 
 // Each warp, for rows warp, warp + (all warps of the grid), ...:
 //   a_j = exp(c s_j - m) / sum_i exp(c s_i - m),  m = max_i c s_i.
