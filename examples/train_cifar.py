@@ -333,13 +333,15 @@ READ_EVERY = 20          # under MPI: steps between reads of the running totals
 
 
 def evaluate(model, images, labels, batch_size, mean, std, device, world=distributed.World(),
-             show_progress=False, split="test"):
+             show_progress=False, split="test", flip=False):
     """Loss and accuracy on held-out images (the test set, or split="val": the validation
     images), summed on the device and read once (under MPI each rank evaluates its shard
-    and the sums are added across ranks); keys "<split>_loss" and "<split>_acc"."""
+    and the sums are added across ranks); keys "<split>_loss" and "<split>_acc".
+    flip=True: also "<split>_acc_flip", the accuracy of test-time flip averaging: each
+    image and its mirror image (left-right) are classified by the mean of their logits."""
     model.eval()
     xp = backend.module_for(device)
-    loss_sum, correct = xp.zeros((), dtype="float64"), xp.zeros((), dtype="float64")
+    loss_sum, correct, correct_flip = (xp.zeros((), dtype="float64") for _ in range(3))
     first, last = world.shard(len(images))
     bar = cli.Progress(last - first, split, show_progress)
     with mv.no_grad():
@@ -351,12 +353,18 @@ def evaluate(model, images, labels, batch_size, mean, std, device, world=distrib
             logits = model(mv.Tensor(x))
             loss_sum += mv.cross_entropy(logits, y).data * len(y)
             correct += mv.correct(logits, y)
+            if flip:
+                mirrored = model(mv.Tensor(xp.ascontiguousarray(x[..., ::-1])))
+                correct_flip += mv.correct((logits.data + mirrored.data) / 2, y)
             if bar.due():
                 bar.update(end - first)
     bar.close()
-    totals = world.reduce_host(backend.to_numpy(xp.stack([loss_sum, correct])))
-    return {f"{split}_loss": float(totals[0]) / len(images),
-            f"{split}_acc": float(totals[1]) / len(images)}
+    totals = world.reduce_host(backend.to_numpy(xp.stack([loss_sum, correct, correct_flip])))
+    result = {f"{split}_loss": float(totals[0]) / len(images),
+              f"{split}_acc": float(totals[1]) / len(images)}
+    if flip:
+        result[f"{split}_acc_flip"] = float(totals[2]) / len(images)
+    return result
 
 
 # --- logs and curves --------------------------------------------------------------------
@@ -575,7 +583,7 @@ def train(args, out, device, world, saved):
             stop(problem)
         train_time = time.perf_counter() - t0
         test = evaluate(model, eval_x, eval_y, args.eval_batch_size, mean, std, device, world,
-                        show_progress, split)
+                        show_progress, split, flip=epoch == epochs - 1)
         if not weights_finite(optimizer):
             stop(f"the weights became NaN or infinite in epoch {epoch + 1} ({split} loss "
                  f"{test[split + '_loss']:g})")
@@ -611,7 +619,11 @@ def train(args, out, device, world, saved):
     final = history[-1] if history else None
     if final:
         name = "validation" if s.val_split else "test"
-        print(f"final {name} accuracy: {100 * final[split + '_acc']:.2f}% after "
+        flipped = final.get(split + "_acc_flip")
+        print(f"final {name} accuracy: {100 * final[split + '_acc']:.2f}%"
+              + (f" ({100 * flipped:.2f}% with test-time flip averaging)"
+                 if flipped is not None else "")
+              + " after "
               f"{cli.plural(final['epoch'], 'epoch')} ({final['elapsed_s'] / 60:.1f} min)")
     print(f"log: {out / 'log.jsonl'}\ncurves: {out / 'curves.png'}\ncheckpoint: {ckpt_path}")
     return final

@@ -34,9 +34,11 @@ def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path
     final = train_cifar.main(args(cifar_dir, tmp_path / "run", *backend_flag(device)))
     out = capsys.readouterr().out
     assert f"backend {backend_flag(device)[1]}" in out
-    assert f"final test accuracy: {100 * final['test_acc']:.2f}%" in out
+    assert (f"final test accuracy: {100 * final['test_acc']:.2f}% "
+            f"({100 * final['test_acc_flip']:.2f}% with test-time flip averaging)") in out
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    assert "test_acc_flip" in rows[1] and "test_acc_flip" not in rows[0]   # the last epoch
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "elapsed_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[0]["train_images"] == 40
@@ -314,6 +316,32 @@ def test_val_split_holds_out_the_last_training_images_and_never_reads_the_test_s
 
     with pytest.raises(SystemExit, match="--val-split 40 leaves no training image"):
         train_cifar.main(args(cifar_dir, tmp_path / "all", "--val-split", "40"))
+
+
+def test_flip_averaging_classifies_by_the_mean_logits_of_an_image_and_its_mirror(train_cifar,
+                                                                                 rng):
+    """The last epoch's evaluation also reports test-time flip averaging: each image and
+    its left-right mirror image go through the model, and the mean of the two logits
+    decides the class."""
+    from minivit import data
+    from minivit.nn import VisionTransformer, preset
+    model = VisionTransformer(preset("cifar-tiny", num_classes=10, hidden_size=16, depth=1,
+                                     num_heads=2, mlp_dim=16), seed=0)
+    for p in model.parameters():                  # a head that is not zero: logits differ
+        p.data = rng.standard_normal(p.shape).astype(p.dtype)
+    images = rng.integers(0, 256, (24, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, 24)
+    mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
+    result = train_cifar.evaluate(model, images, labels, 10, mean, std, "cpu", flip=True)
+    x = data.normalize(images, mean, std)
+    model.eval()
+    with mv.no_grad():
+        plain = model(mv.Tensor(x)).data
+        both = plain + model(mv.Tensor(np.ascontiguousarray(x[..., ::-1]))).data
+    assert result["test_acc"] == np.mean(plain.argmax(axis=1) == labels)
+    assert result["test_acc_flip"] == np.mean(both.argmax(axis=1) == labels)
+    assert "test_acc_flip" not in train_cifar.evaluate(model, images, labels, 10, mean, std,
+                                                       "cpu")
 
 
 def test_a_run_ends_with_the_figures_of_what_the_model_learned(train_cifar, cifar_dir, tmp_path):
