@@ -24,7 +24,7 @@ from minivit.ops.loss import accuracy, correct, cross_entropy
 from minivit.ops.norm import group_norm, layer_norm
 from minivit.ops.conv import max_pool2d, weight_standardize
 from minivit.ops.patch import col2im, conv2d, im2col, patch_embed, patchify, unpatchify
-from minivit import cli, fast, nn
+from minivit import cli, fast, nn, optim
 from minivit.fast import use_reference
 
 __version__ = "0.1.0"
