@@ -178,9 +178,9 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=probability, help="dropout after embeddings, attention and in "
                                                  "the MLP")
     p.add_argument("--attention-dropout", type=probability, help="dropout on the attention weights")
-    p.add_argument("--augment", choices=["none", "standard", "strong"],
-                   help="standard: random crop (4-pixel padding) + horizontal flip; "
-                        "strong: also cutout")
+    p.add_argument("--augment", choices=["none", "flip", "standard", "strong"],
+                   help="flip: a random horizontal flip; standard: random crop (4-pixel "
+                        "padding) + horizontal flip; strong: also cutout")
     p.add_argument("--model", choices=sorted(n for n in MODEL_PRESETS if n.startswith("cifar")),
                    help="model size preset (see minivit.nn.PRESETS)")
     p.add_argument("--hidden-size", type=positive_int, help="override the model's width D")

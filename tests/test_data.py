@@ -506,13 +506,15 @@ def host_recipe(images, seed, epoch, batch_size, augment):
         x = images[index]
         if augment == "none":
             yield normalize(x), index
+        elif augment == "flip":
+            yield normalize(random_crop_flip(x, rng, padding=0)), index
         elif augment == "standard":
             yield normalize(random_crop_flip(x, rng)), index
         else:
             yield cutout(normalize(random_crop_flip(x, rng)), rng), index
 
 
-@pytest.mark.parametrize("augment", ["none", "standard", "strong"])
+@pytest.mark.parametrize("augment", ["none", "flip", "standard", "strong"])
 def test_device_batches_equal_the_host_recipe(device, augment):
     images, labels = dataset()
     loader = Loader(images, labels, batch_size=8, seed=6, augment=augment, device=device)
@@ -602,7 +604,7 @@ def test_batches_function_and_errors():
         np.testing.assert_array_equal(y, index)
         np.testing.assert_array_equal(x, cutout(normalize(random_crop_flip(images[index], rng)),
                                                 rng))
-    with pytest.raises(ValueError, match=r"augment must be 'none', 'standard' \(crop and flip\) "
+    with pytest.raises(ValueError, match=r"augment must be 'none', 'flip', 'standard' \(crop and flip\) "
                        r"or 'strong' \(also Cutout\), or a bool; got 'cutout'"):
         Loader(images, labels, 8, augment="cutout")
     with pytest.raises(ValueError, match=r"expected images as a host uint8 array \(N, C, H, W\), "

@@ -22,6 +22,7 @@ it inside an epoch.
 
 Augmentation policies (augment=):
     "none" (or False)       normalisation only
+    "flip"                  a random horizontal flip only
     "standard" (or True)    random crop after 4-pixel zero padding, horizontal flip
     "strong"                "standard" plus Cutout of a 16x16 square
 
@@ -49,7 +50,7 @@ from minivit.data.augment import (CIFAR10_MEAN, CIFAR10_STD, crop_flip_at, crop_
 np = backend.module_for("cpu")     # NumPy: the random draws, on the host
 
 _ORDER, _AUGMENT = 0, 1            # the two random streams of an epoch
-POLICIES = ("none", "standard", "strong")
+POLICIES = ("none", "flip", "standard", "strong")
 
 
 def _check_int(name, value, low):
@@ -64,8 +65,8 @@ def _policy(augment):
     if augment is True:
         return "standard"
     if augment not in POLICIES:
-        raise ValueError(f"Loader: augment must be 'none', 'standard' (crop and flip) or "
-                         f"'strong' (also Cutout), or a bool; got {augment!r}")
+        raise ValueError(f"Loader: augment must be 'none', 'flip', 'standard' (crop and "
+                         f"flip) or 'strong' (also Cutout), or a bool; got {augment!r}")
     return augment
 
 
@@ -74,7 +75,7 @@ class Loader:
 
     batch_size   images per batch; the last batch is smaller unless drop_last=True.
     shuffle      a new order every epoch, drawn from (seed, epoch); False: 0..N-1.
-    augment      "none", "standard" (crop and flip) or "strong" (also Cutout).
+    augment      "none", "flip", "standard" (crop and flip) or "strong" (also Cutout).
     mean, std    per-channel normalisation, x = (pixel / 255 - mean) / std.
     device       where the images live and batches are made ("cpu"/"cuda"; None: the
                  default backend's device).
@@ -103,6 +104,7 @@ class Loader:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seed = _check_int("seed", seed, 0)
         self.augment = _policy(augment)
+        self.padding = 0 if self.augment == "flip" else 4      # "flip": a crop of nothing
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.mean, self.std = mean, std
         self.device = backend.device_name(device or backend.default_device())
@@ -141,7 +143,7 @@ class Loader:
         """The images `index` (host, in visiting order) and their augmentation, drawn batch
         by batch from `rngs` (one generator per batch), as one int64 array (rows: index,
         dy, dx, flip, cy, cx as the policy needs; a column per image) on self.device."""
-        rows = {"none": 1, "standard": 4, "strong": 6}[self.augment]
+        rows = {"none": 1, "flip": 4, "standard": 4, "strong": 6}[self.augment]
         plan = np.zeros((rows, len(index)), np.int64)
         plan[0] = index
         _, _, h, w = self.images.shape
@@ -149,7 +151,7 @@ class Loader:
         for start, rng in zip(starts, rngs):               # a loop over batches, not images
             batch = slice(start, start + self.batch_size)
             n = len(plan[0, batch])
-            plan[1:4, batch] = crop_flip_draws(rng, n)
+            plan[1:4, batch] = crop_flip_draws(rng, n, padding=self.padding)
             if self.augment == "strong":
                 plan[4:6, batch] = cutout_draws(rng, n, h, w)
         return backend.asarray(plan, device=self.device)     # the epoch's one copy
@@ -164,7 +166,7 @@ class Loader:
         if self.augment == "none":
             x = self.images[index]
         else:
-            x = crop_flip_at(self.images, index, plan[1], plan[2], plan[3])
+            x = crop_flip_at(self.images, index, plan[1], plan[2], plan[3], self.padding)
         x = x.astype(self.scale.dtype) * self.scale - self.shift    # augment.normalize
         if self.augment == "strong":
             x = cutout_at(x, plan[4], plan[5])
