@@ -67,7 +67,7 @@ class Optimizer:
         device, nothing read back); step() multiplies every gradient by the clip factor
         as it reads it (on a GPU inside its one update kernel), so p.grad itself keeps
         the unclipped values.  max_norm None: the norm only, nothing is clipped."""
-        grads = [buffer.grad for buffer in self.buffers]
+        grads = _flat_grads(self.params)          # the same sums as clip_grad_norm's
         limit = math.inf if max_norm is None else max_norm
         if len(grads) == 1 and kernels.usable(grads[0]):
             norm, scale = GRAD_NORM_KERNEL(grads[0], limit)
