@@ -213,7 +213,7 @@ def cifar_tiny_gradients(device, in_buffer, copied=None):
     return model, {name: numpy_grad(p) for name, p in model.named_parameters()}
 
 
-def test_gradients_written_into_their_slots_are_the_same_gradients(device):
+def test_gradients_written_into_their_slots_are_the_same_gradients(device, fast_paths):
     copied = []
     model, in_slots = cifar_tiny_gradients(device, in_buffer=True, copied=copied)
     _, plain = cifar_tiny_gradients(device, in_buffer=False)
