@@ -130,6 +130,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         failures = compile_all(args.arch or ARCHITECTURES, folder=args.folder)
+    except BrokenPipeError:
+        raise                      # a closed pipe (| head): cli.install ends quietly
     except OSError as e:
         print(f"python -m minivit.kernels: {e}", file=sys.stderr)
         return 2
@@ -139,4 +141,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from minivit import cli
+    cli.install()
     sys.exit(main())
