@@ -67,6 +67,13 @@ RECIPES = {
 }
 
 
+# Presets that train on one process per CPU core (at most MAX_PROCESSES): a NumPy step
+# does its elementwise work on one core, so a second process on a second core nearly
+# doubles the images per second (docs/performance.md).
+CORE_PRESETS = ("cpu",)
+MAX_PROCESSES = 8
+
+
 @dataclasses.dataclass
 class Settings:
     """Everything that decides a run (saved in every checkpoint)."""
@@ -209,10 +216,16 @@ def parse_args(argv=None):
                         "at the test set; default 0: evaluate on the test set)")
     p.add_argument("--eval-batch-size", type=positive_int, default=500,
                    help="images per test batch (default: 500)")
+    p.add_argument("--processes", type=positive_int,
+                   help="train on N processes of this machine, each on its share of every "
+                        "batch, with the gradients summed before each step (NumPy only; "
+                        f"default: one per CPU core, at most {MAX_PROCESSES}, for "
+                        f"--preset {' or '.join(CORE_PRESETS)}; else 1)")
     p.add_argument("--threads", type=positive_int,
-                   help="threads of the BLAS library under NumPy (default: its own choice, "
-                        "usually one per core); on a machine whose cores are busy with other "
-                        "work, --threads 1 can be several times faster")
+                   help="threads of the BLAS library under NumPy, per process (default: its "
+                        "own choice, usually one per core; with --processes N, the cores "
+                        "divided by N); on a machine whose cores are busy with other work, "
+                        "--threads 1 can be several times faster")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (there is none when stderr is not a terminal)")
     return p.parse_args(argv)
@@ -403,10 +416,36 @@ def plot_curves(path, history):
 OUTPUT_FILES = ("checkpoint.npz", "log.jsonl", "curves.png")     # what a run writes to OUT
 
 
-def main(argv=None):
+def usable_cores():
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_processes(args, world):
+    """How many processes of this machine to start (--processes; see CORE_PRESETS)."""
+    if args.processes is None:
+        cores = args.preset in CORE_PRESETS and args.backend == "numpy" and world.size == 1
+        return min(usable_cores(), MAX_PROCESSES) if cores else 1
+    if args.processes > 1 and args.backend != "numpy":
+        sys.exit(f"error: --processes {args.processes} runs NumPy on the cores of this machine; "
+                 "with --backend cupy start one process per GPU with mpiexec instead")
+    if args.processes > 1 and world.size > 1:
+        sys.exit(f"error: --processes {args.processes} under mpiexec: mpiexec has started "
+                 f"{world.size} processes already; use one or the other")
+    return args.processes
+
+
+def main(argv=None, world=None):
+    """The program; `world`: given to ranks 1.. that --processes started (other_rank)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     out = pathlib.Path(args.out)
-    world = distributed.world()            # several processes under mpiexec, else one
+    processes = 1
+    if world is None:
+        world = distributed.world()        # several processes under mpiexec, else one
+        processes = local_processes(args, world)
     device = cli.use_backend(args.backend, world.local_rank)    # one GPU per rank
     if device == "cpu":
         backend.keep_host_memory()
@@ -419,12 +458,33 @@ def main(argv=None):
         if world.is_main:                  # one run at a time in OUT
             check_writable(out)
             held.enter_context(cli.lock_folder(out))
-        if args.threads:
-            held.enter_context(cli.limit_threads(args.threads))
+        cifar = None
+        if processes > 1:                  # found (or downloaded) once, then the other ranks
+            cifar = cli.find_cifar10(args.data_dir, args.no_download)
+            world = distributed.start(processes, other_rank, argv)
+            held.callback(world.close)
+        threads = args.threads
+        if threads is None and isinstance(world, distributed.Local):
+            threads = max(1, usable_cores() // world.size)
+        if threads:
+            held.enter_context(cli.limit_threads(threads))
         try:
-            return train(args, out, device, world, saved)
+            return train(args, out, device, world, saved, cifar)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(what_is_kept(out / "checkpoint.npz", saved["epoch"])) from None
+
+
+def other_rank(world, argv):
+    """Ranks 1.. of --processes N: the same program on their shares of every batch."""
+    quiet_numpy_warnings()
+    main(argv, world)
+
+
+def quiet_numpy_warnings():
+    """NumPy's overflow and invalid-value warnings of a diverging run: the run checks for
+    NaN and infinity itself and stops with one line that says what to change."""
+    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                            RuntimeWarning)
 
 
 def what_is_kept(ckpt_path, epoch):
@@ -455,8 +515,9 @@ def weights_finite(optimizer):
     return bool(backend.to_numpy(flags).all())
 
 
-def train(args, out, device, world, saved):
-    """The run, in OUT, which main holds; saved["epoch"] follows the checkpoint on disk."""
+def train(args, out, device, world, saved, cifar=None):
+    """The run, in OUT, which main holds; saved["epoch"] follows the checkpoint on disk;
+    `cifar`: the data, when main has loaded it already."""
     ckpt_path = out / "checkpoint.npz"
     state = None
     if args.resume:
@@ -502,7 +563,7 @@ def train(args, out, device, world, saved):
     if world.is_main:                              # left by a run killed mid-write
         checkpoint.remove_stale_temporaries(out, OUTPUT_FILES)
 
-    cifar = cli.find_cifar10(args.data_dir, args.no_download)
+    cifar = cifar or cli.find_cifar10(args.data_dir, args.no_download)
     train_x, train_y = cifar.train_images, cifar.train_labels
     split = "val" if s.val_split else "test"       # what the run evaluates on
     if s.val_split:
@@ -567,7 +628,8 @@ def train(args, out, device, world, saved):
           f"{cli.plural(total_steps, 'step')} "
           f"({cli.plural(epochs, 'epoch')} of {steps_per_epoch}), batch {s.batch_size}, "
           f"{s.optimizer} lr {s.lr:g}, backend {cli.backend_text(args.backend)}"
-          + (f", {world.size} processes (MPI)" if world.size > 1 else ""), flush=True)
+          + (f", {world.size} processes" if world.size > 1 else "")
+          + (" (MPI)" if world.comm is not None else ""), flush=True)
     elapsed = history[-1]["elapsed_s"] if history else 0.0
     show_progress = world.is_main and not args.no_progress
 
@@ -631,10 +693,7 @@ def train(args, out, device, world, saved):
 
 if __name__ == "__main__":
     cli.install()
-    # NumPy's overflow and invalid-value warnings of a diverging run: the run checks for
-    # NaN and infinity itself and stops with one line that says what to change
-    warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
-                            RuntimeWarning)
+    quiet_numpy_warnings()
     world = distributed.world()
     try:
         main()

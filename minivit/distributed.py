@@ -1,6 +1,7 @@
-"""Data parallelism across processes with MPI, the way ChainerMN and PyTorch DDP do it.
+"""Data parallelism across processes, the way ChainerMN and PyTorch DDP do it.
 
-    mpiexec -n 2 python examples/train_cifar.py --preset cpu     # pip install -e ".[mpi]"
+    python examples/train_cifar.py --processes 2                 # the cores of one machine
+    mpiexec -n 2 python examples/train_cifar.py                  # MPI: pip install -e ".[mpi]"
 
 Every process (rank) holds the whole model.  Each global batch of B images is cut into
 N disjoint shards, one per rank; each rank runs forward and backward on its shard only,
@@ -15,12 +16,23 @@ Ranks start identical (rank 0's parameters are broadcast) and stay identical: th
 same summed gradient, the same update.  Only rank 0 writes files.  NumPy buffers go
 straight to MPI; CuPy buffers are staged through the host (one read and one copy per
 step).  A single process without MPI is world size 1 and needs none of this.
+
+Without MPI, `start` runs the ranks of one machine itself (class Local): it starts
+ranks 1..N-1 as new processes joined to rank 0 by pipes, and each collective is a star:
+every rank sends its array to rank 0, which combines them in rank order and sends the
+result back.  For a few processes and a model of a few MB, a pipe's copy costs little
+next to a training step.
 """
 import hashlib
 import json
+import multiprocessing
+import operator
 import os
 import sys
 import time
+import traceback
+
+import numpy as np
 
 from minivit import backend
 
@@ -115,16 +127,19 @@ class World:
     def check_agree(self, what, value):
         """Raise DistributedError on every rank unless all ranks pass an equal `value`
         (anything JSON can write: the settings, the model config, the data's shape)."""
-        if self.comm is None:
+        if self.size == 1:
             return
-        digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-        digests = self.comm.allgather(digest)
+        digests = self.allgather(_digest(value))
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         if differ:
             raise DistributedError(f"the ranks disagree on {what}: rank(s) "
                                    f"{', '.join(map(str, differ))} differ from rank 0 (every "
                                    "rank must run the same command on the same data)",
                                    everywhere=True)
+
+    def allgather(self, value):
+        """The list of every rank's `value` (a small Python object), in rank order."""
+        return self.comm.allgather(value)
 
     def abort(self, code=1):
         """End every rank at once (a rank that fails alone would leave the others waiting).
@@ -135,6 +150,139 @@ class World:
             sys.stderr.flush()
             time.sleep(0.5)
             self.comm.Abort(code)
+
+
+def _digest(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Failed:
+    """What a rank started by `start` sends rank 0 when it stops with an error."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+class Local(World):
+    """`size` processes of this machine started by `start`, without MPI: rank 0 holds a
+    pipe (a multiprocessing Connection) to each other rank, each other rank one to rank 0.
+    NumPy arrays only (the ranks share the CPU cores, not a GPU)."""
+
+    def __init__(self, rank, size, links, processes=()):
+        super().__init__()
+        self.rank, self.size = rank, size
+        self.links = links                 # rank 0: to ranks 1..size-1; else: [to rank 0]
+        self.processes = list(processes)   # rank 0: the processes of ranks 1..size-1
+
+    def _receive(self, link, rank):
+        try:
+            message = link.recv()
+        except (EOFError, OSError):
+            message = None
+        if isinstance(message, _Failed) or message is None:
+            raise self._stopped(rank, message)
+        return message
+
+    def _send(self, link, rank, value):
+        try:
+            link.send(value)
+        except OSError:                    # the other end is gone: say why, if it did
+            message = link.recv() if link.poll(0) else None
+            raise self._stopped(rank, message) from None
+
+    def _stopped(self, rank, message):
+        if isinstance(message, _Failed):
+            return DistributedError(f"process {rank} of {self.size} stopped: {message.text}")
+        exitcode = self.processes[rank - 1].exitcode if self.rank == 0 else None
+        return DistributedError(f"process {rank} of {self.size} stopped"
+                                + (f" (exit code {exitcode})" if exitcode is not None else ""))
+
+    def _combine(self, value, op):
+        """op folded over every rank's `value` in rank order (0, 1, ...), on every rank:
+        rank 0 gathers, combines and sends the result back."""
+        if self.rank != 0:
+            self._send(self.links[0], 0, value)
+            return self._receive(self.links[0], 0)
+        total = value
+        for rank, link in enumerate(self.links, 1):
+            total = op(total, self._receive(link, rank))
+        for rank, link in enumerate(self.links, 1):
+            self._send(link, rank, total)
+        return total
+
+    def broadcast_(self, array):
+        if self.rank == 0:
+            for rank, link in enumerate(self.links, 1):
+                self._send(link, rank, array)
+        else:
+            array[...] = self._receive(self.links[0], 0)
+        return array
+
+    def sum_(self, array):
+        array[...] = self._combine(array, operator.add)
+        return array
+
+    def reduce_host(self, values, op="sum"):
+        return self._combine(values, {"sum": operator.add, "max": np.maximum}[op])
+
+    def allgather(self, value):
+        return self._combine([value], operator.add)
+
+    def abort(self, code=1):
+        self.close()
+        sys.exit(code)
+
+    def close(self):
+        """Rank 0: end the other ranks (they stop when their pipe closes) and wait for them."""
+        for link in self.links:
+            link.close()
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
+def start(size, target, *args):
+    """Start `size` processes of this machine as one world: this process is rank 0, and
+    ranks 1..size-1 are new processes that run target(world, *args) (target: a function
+    of a module they can import).  Returns rank 0's Local world; close() it at the end.
+    A rank that fails sends rank 0 its error, which rank 0 raises at its next collective;
+    when rank 0 ends, the others find their pipe closed and end too."""
+    context = multiprocessing.get_context("spawn")       # a fresh interpreter on any OS
+    links, processes = [], []
+    for rank in range(1, size):
+        here, there = context.Pipe()
+        process = context.Process(target=_run_rank, args=(target, rank, size, there, args),
+                                  name=f"minivit rank {rank}", daemon=True)
+        process.start()
+        there.close()
+        links.append(here)
+        processes.append(process)
+    return Local(0, size, links, processes)
+
+
+def _run_rank(target, rank, size, link, args):
+    """Rank `rank` (>0) of a Local world: run target; tell rank 0 if it fails."""
+    world = Local(rank, size, [link])
+    try:
+        target(world, *args)
+        return
+    except KeyboardInterrupt:              # Ctrl-C reaches every rank: rank 0 reports it
+        sys.exit(1)
+    except SystemExit as e:
+        if not e.code:
+            return
+        text = f"exit code {e.code}" if isinstance(e.code, int) else str(e.code)
+    except DistributedError:               # rank 0 stopped first: it says why
+        sys.exit(1)
+    except BaseException as e:
+        text = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    try:
+        link.send(_Failed(text))
+    except OSError:
+        pass
+    sys.exit(1)
 
 
 def world():
