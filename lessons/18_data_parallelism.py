@@ -19,7 +19,8 @@ What it costs: a ring allreduce sends each rank's buffer around in N - 1 pieces 
 (a reduce-scatter, then an all-gather), so every rank sends and receives
 2 (N - 1) / N times the gradient's size per step, almost independent of N.
 
-Run it for real: mpiexec -n 2 python examples/train_cifar.py --preset cpu
+Run it for real: python examples/train_cifar.py --processes 2 (the cores of this machine),
+or mpiexec -n 2 python examples/train_cifar.py (MPI: pip install -e ".[mpi]")
 """
 import matplotlib.pyplot as plt
 import numpy as np

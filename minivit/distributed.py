@@ -31,9 +31,6 @@ import os
 import sys
 import time
 import traceback
-
-import numpy as np
-
 from minivit import backend
 
 _LAUNCHERS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -223,7 +220,8 @@ class Local(World):
         return array
 
     def reduce_host(self, values, op="sum"):
-        return self._combine(values, {"sum": operator.add, "max": np.maximum}[op])
+        maximum = backend.module_for("cpu").maximum
+        return self._combine(values, {"sum": operator.add, "max": maximum}[op])
 
     def allgather(self, value):
         return self._combine([value], operator.add)

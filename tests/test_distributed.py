@@ -244,3 +244,114 @@ def test_the_scaling_benchmark_reports_one_and_two_processes():
     assert [int(r[0]) for r in rows] == [1, 2]
     assert all(float(r[3].replace(",", "")) > 0 for r in rows)
     assert float(rows[0][5].split()[0]) == 0.0 and float(rows[1][5].split()[0]) > 0
+
+
+# --- processes of one machine, without MPI (distributed.start, train_cifar --processes) ---
+
+def collectives(world, results):
+    """Run on every rank of a Local world: each collective once, with rank-made values."""
+    summed = world.sum_(np.full(4, world.rank + 1.0, dtype=np.float32))
+    largest = world.reduce_host(np.array([world.rank * 10.0]), "max")
+    shared = world.broadcast_(np.arange(3.0) if world.rank == 0 else np.zeros(3))
+    gathered = world.allgather((world.rank, summed.tolist(), largest.tolist(), shared.tolist()))
+    if world.is_main:
+        results.extend(gathered)
+
+
+def fail_on_rank_one(world, how):
+    if world.rank == 1:
+        if how == "exit":
+            sys.exit("error: rank one's own message")
+        raise ValueError("rank one broke")
+    world.sum_(np.zeros(3))
+
+
+def disagree(world):
+    world.check_agree("the settings", {"lr": 0.1 if world.rank == 2 else 0.2})
+
+
+def test_local_processes_run_each_collective_in_rank_order():
+    results = []
+    world = distributed.start(3, collectives, [])
+    try:
+        collectives(world, results)
+    finally:
+        world.close()
+    assert [r[0] for r in results] == [0, 1, 2]                 # allgather keeps rank order
+    assert all(r[1] == [6.0] * 4 for r in results)              # 1 + 2 + 3 on every rank
+    assert all(r[2] == [20.0] and r[3] == [0.0, 1.0, 2.0] for r in results)
+    assert all(p.exitcode == 0 for p in world.processes)
+
+
+@pytest.mark.parametrize("how, message", [("raise", r"ValueError: rank one broke"),
+                                          ("exit", r"error: rank one's own message")])
+def test_a_local_rank_that_fails_tells_rank_zero_why(how, message):
+    world = distributed.start(2, fail_on_rank_one, how)
+    try:
+        with pytest.raises(distributed.DistributedError, match=r"process 1 of 2 stopped: "
+                                                              + message):
+            fail_on_rank_one(world, how)
+    finally:
+        world.close()
+
+
+def test_local_ranks_that_disagree_all_stop_and_close_ends_the_others():
+    world = distributed.start(3, disagree)
+    try:
+        with pytest.raises(distributed.DistributedError, match=r"rank\(s\) 2 differ") as e:
+            disagree(world)
+        assert e.value.everywhere
+    finally:
+        world.close()
+    assert all(p.exitcode == 1 for p in world.processes)        # said nothing: rank 0 did
+    waiting = distributed.start(2, collectives, [])              # rank 1 waits in sum_ ...
+    waiting.close()                                              # ... and ends with the pipe
+    assert waiting.processes[0].exitcode == 1
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_train_cifar_on_local_processes_equals_one(cifar, tmp_path, n):
+    """Batches of 16, 16, 8 images cut into 2 or 3 shards (3: shards of 5, 5, 6)."""
+    for processes in (1, n):
+        run = mpirun(1, *train_args(cifar, tmp_path / f"n{processes}", "--epochs", "2",
+                                    "--backend", "numpy", "--processes", processes))
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{n} processes" in run.stdout and "MPI" not in run.stdout
+    one = checkpoint.load_checkpoint(tmp_path / "n1" / "checkpoint.npz")
+    many = checkpoint.load_checkpoint(tmp_path / f"n{n}" / "checkpoint.npz")
+    for name in one["model"]:                   # float32: equal up to summation order
+        np.testing.assert_allclose(many["model"][name], one["model"][name], rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+    for a, b in zip(one["history"], many["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["test_acc"] == a["test_acc"] and b["train_images"] == a["train_images"] == 40
+
+
+def test_local_processes_stop_with_rank_zero_and_keep_its_checkpoint(cifar, tmp_path):
+    """A run that stops on rank 0 (here: a NaN loss from a huge learning rate) ends the
+    other processes too, with one message."""
+    run = mpirun(1, *train_args(cifar, tmp_path / "run", "--epochs", "3", "--backend", "numpy",
+                                "--processes", "2", "--lr", "1e30", "--clip-norm", "0"))
+    assert run.returncode != 0 and "stopping" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and run.stderr.count("error:") == 1
+
+
+def test_processes_default_to_the_cores_for_the_cpu_preset(train_cifar, monkeypatch):
+    monkeypatch.setattr(train_cifar, "usable_cores", lambda: 16)
+    one = distributed.World()
+
+    def processes(*flags):
+        return train_cifar.local_processes(train_cifar.parse_args(list(flags)), one)
+
+    assert processes("--preset", "cpu", "--backend", "numpy") == train_cifar.MAX_PROCESSES == 8
+    monkeypatch.setattr(train_cifar, "usable_cores", lambda: 2)
+    assert processes("--preset", "cpu", "--backend", "numpy") == 2
+    assert processes("--preset", "cpu", "--backend", "numpy", "--processes", "1") == 1
+    assert processes("--backend", "numpy") == processes("--preset", "gpu", "--backend", "numpy") == 1
+    assert processes("--preset", "cpu", "--backend", "cupy") == 1
+    with pytest.raises(SystemExit, match="with --backend cupy start one process per GPU"):
+        processes("--backend", "cupy", "--processes", "2")
+    mpi = distributed.World()
+    mpi.size = 2
+    with pytest.raises(SystemExit, match="mpiexec has started 2 processes already"):
+        train_cifar.local_processes(train_cifar.parse_args(["--processes", "2"]), mpi)
