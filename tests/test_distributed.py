@@ -189,12 +189,17 @@ def test_train_cifar_on_two_processes_equals_one(cifar, tmp_path, device):
         run = mpirun(n, *train_args(cifar, tmp_path / f"n{n}", "--epochs", "2", *backend_flag))
         assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes (MPI)" in run.stdout and run.stdout.count("epoch   1/2") == 1
-    one = checkpoint.load_checkpoint(tmp_path / "n1" / "checkpoint.npz")
-    two = checkpoint.load_checkpoint(tmp_path / "n2" / "checkpoint.npz")
+    assert_same_run(tmp_path / "n1", tmp_path / "n2")
+
+
+def assert_same_run(one, many):
+    """The runs in folders `one` and `many` ended at the same model and history."""
+    one = checkpoint.load_checkpoint(one / "checkpoint.npz")
+    many = checkpoint.load_checkpoint(many / "checkpoint.npz")
     for name in one["model"]:                   # float32: equal up to summation order
-        np.testing.assert_allclose(two["model"][name], one["model"][name], rtol=1e-4,
+        np.testing.assert_allclose(many["model"][name], one["model"][name], rtol=1e-4,
                                    atol=1e-6, err_msg=name)
-    for a, b in zip(one["history"], two["history"]):
+    for a, b in zip(one["history"], many["history"], strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["test_acc"] == a["test_acc"] and b["train_images"] == a["train_images"] == 40
 
@@ -317,14 +322,7 @@ def test_train_cifar_on_local_processes_equals_one(cifar, tmp_path, n):
                                     "--backend", "numpy", "--processes", processes))
         assert run.returncode == 0, run.stderr[-3000:]
     assert f"{n} processes" in run.stdout and "MPI" not in run.stdout
-    one = checkpoint.load_checkpoint(tmp_path / "n1" / "checkpoint.npz")
-    many = checkpoint.load_checkpoint(tmp_path / f"n{n}" / "checkpoint.npz")
-    for name in one["model"]:                   # float32: equal up to summation order
-        np.testing.assert_allclose(many["model"][name], one["model"][name], rtol=1e-4,
-                                   atol=1e-6, err_msg=name)
-    for a, b in zip(one["history"], many["history"]):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
-        assert b["test_acc"] == a["test_acc"] and b["train_images"] == a["train_images"] == 40
+    assert_same_run(tmp_path / "n1", tmp_path / f"n{n}")
 
 
 def test_local_processes_stop_with_rank_zero_and_keep_its_checkpoint(cifar, tmp_path):
