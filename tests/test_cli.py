@@ -124,7 +124,8 @@ def test_a_diverging_run_never_writes_a_nan_checkpoint(train_cifar, cifar_dir, t
     """One AdamW step of size about --lr moves every weight by 1e30: the logits overflow and
     the test loss is NaN although the training loss, measured before the step, was not."""
     with pytest.raises(SystemExit) as info:
-        train_cifar.main(tiny(cifar_dir, tmp_path / "run", "--lr", "1e30", "--steps", "1"))
+        train_cifar.main(tiny(cifar_dir, tmp_path / "run", "--lr", "1e30", "--steps", "1",
+                              "--classifier", "token", "--gelu", "erf"))
     text = str(info.value)
     assert re.match(r"error: the (weights became NaN or infinite|test loss became nan) "
                     r"(in|after) epoch 1", text), text
@@ -168,7 +169,7 @@ def test_a_non_finite_test_loss_stops_the_run(train_cifar, cifar_dir, tmp_path, 
 
 @DIVERGING
 @pytest.mark.parametrize("flags,named", [
-    (["--weight-decay", "1e30"], ["--weight-decay (now 1e+30)", "--lr (now 0.002)",
+    (["--weight-decay", "1e30", "--lr", "0.002"], ["--weight-decay (now 1e+30)", "--lr (now 0.002)",
                                   "--clip-norm (now 1)"]),
     (["--optimizer", "sgd", "--lr", "1e30", "--clip-norm", "0"],
      ["--lr (now 1e+30)", "--momentum (now 0.9)", "--clip-norm (now 0: off)"])])
