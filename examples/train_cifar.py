@@ -1,6 +1,6 @@
 """Train a Vision Transformer on CIFAR-10 with minivit's own engine.
 
-    python examples/train_cifar.py --preset cpu                  # a few minutes on a laptop CPU
+    python examples/train_cifar.py --preset cpu                  # 10 minutes on a 2-core CPU
     python examples/train_cifar.py --preset gpu --backend cupy   # the real run, on a GPU
     python examples/train_cifar.py --preset finetune --pretrained ViT-B_16.npz --backend cupy
                                    # fine-tune an official checkpoint at 384x384 (paper, 3.2)
@@ -16,7 +16,9 @@ data order and augmentation and the dropout masks.
 One run at a time uses an OUT: a second one refuses, naming the process that holds it
 (an OS lock, which ends with its process however it ends).  A run whose loss or weights
 become NaN or infinite stops with one line that names the flags to change, keeping the
-checkpoint of the last good epoch.  --threads N sets the threads of NumPy's BLAS.
+checkpoint of the last good epoch.  --processes N trains on N processes of this
+machine, each on its share of every batch (--preset cpu: one per core; see
+minivit.distributed); --threads N sets the threads of NumPy's BLAS in each.
 """
 import argparse
 import contextlib
