@@ -475,7 +475,7 @@ def main(argv=None, world=None):
         if processes > 1:                  # found (or downloaded) once, then the other ranks
             cifar = cli.find_cifar10(args.data_dir, args.no_download)
             world = distributed.start(processes, other_rank, argv)
-            held.callback(world.close)
+            held.push(lambda error, *_: world.close(wait=error is None))
         threads = args.threads
         if threads is None and isinstance(world, distributed.Local):
             threads = max(1, usable_cores() // world.size)

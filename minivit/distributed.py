@@ -230,12 +230,14 @@ class Local(World):
         self.close()
         sys.exit(code)
 
-    def close(self):
-        """Rank 0: end the other ranks (they stop when their pipe closes) and wait for them."""
+    def close(self, wait=True):
+        """Rank 0: end the other ranks (they stop when their pipe closes) and wait for them
+        (up to 10 s each); wait=False: stop them now (rank 0 is stopping on an error)."""
         for link in self.links:
             link.close()
         for process in self.processes:
-            process.join(timeout=10)
+            if wait:
+                process.join(timeout=10)
             if process.is_alive():
                 process.terminate()
                 process.join()
