@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import operator
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -180,9 +181,12 @@ class Local(World):
             raise self._stopped(rank, message)
         return message
 
-    def _send(self, link, rank, value):
+    def _send(self, link, rank, value, raw=False):
         try:
-            link.send(value)
+            if raw:
+                link.send_bytes(memoryview(value).cast("B"))
+            else:
+                link.send(value)
         except OSError:                    # the other end is gone: say why, if it did
             message = link.recv() if link.poll(0) else None
             raise self._stopped(rank, message) from None
@@ -216,8 +220,34 @@ class Local(World):
         return array
 
     def sum_(self, array):
-        array[...] = self._combine(array, operator.add)
+        """As World.sum_: rank 0 adds the ranks' arrays in rank order and sends the sum
+        back.  A C-contiguous array travels as its raw bytes (no pickling)."""
+        if not array.flags.c_contiguous:
+            array[...] = self._combine(array, operator.add)
+            return array
+        if self.rank != 0:
+            self._send(self.links[0], 0, array, raw=True)
+            self._receive_into(self.links[0], 0, array)
+            return array
+        other = array.copy()
+        for rank, link in enumerate(self.links, 1):
+            self._receive_into(link, rank, other)
+            array += other
+        for rank, link in enumerate(self.links, 1):
+            self._send(link, rank, array, raw=True)
         return array
+
+    def _receive_into(self, link, rank, array):
+        """Fill `array` with the raw bytes `rank` sent; raise what it failed with instead."""
+        into = memoryview(array).cast("B")
+        try:
+            n = link.recv_bytes_into(into)
+        except multiprocessing.BufferTooShort as e:
+            raise self._stopped(rank, pickle.loads(e.args[0])) from None
+        except (EOFError, OSError):
+            raise self._stopped(rank, None) from None
+        if n != array.nbytes:              # a shorter message: a rank's error
+            raise self._stopped(rank, pickle.loads(into[:n]))
 
     def reduce_host(self, values, op="sum"):
         maximum = backend.module_for("cpu").maximum

@@ -255,20 +255,22 @@ def test_the_scaling_benchmark_reports_one_and_two_processes():
 
 def collectives(world, results):
     """Run on every rank of a Local world: each collective once, with rank-made values."""
-    summed = world.sum_(np.full(4, world.rank + 1.0, dtype=np.float32))
+    summed = world.sum_(np.full(4, world.rank + 1.0, dtype=np.float32))      # as raw bytes
+    strided = world.sum_(np.full((2, 4), world.rank + 1.0)[:, ::2])          # pickled
     largest = world.reduce_host(np.array([world.rank * 10.0]), "max")
     shared = world.broadcast_(np.arange(3.0) if world.rank == 0 else np.zeros(3))
-    gathered = world.allgather((world.rank, summed.tolist(), largest.tolist(), shared.tolist()))
+    gathered = world.allgather((world.rank, summed.tolist() + strided.ravel().tolist(),
+                                largest.tolist(), shared.tolist()))
     if world.is_main:
         results.extend(gathered)
 
 
-def fail_on_rank_one(world, how):
+def fail_on_rank_one(world, how, size):
     if world.rank == 1:
         if how == "exit":
             sys.exit("error: rank one's own message")
         raise ValueError("rank one broke")
-    world.sum_(np.zeros(3))
+    world.sum_(np.zeros(size))             # its message is longer, or shorter, than this
 
 
 def disagree(world):
@@ -283,19 +285,20 @@ def test_local_processes_run_each_collective_in_rank_order():
     finally:
         world.close()
     assert [r[0] for r in results] == [0, 1, 2]                 # allgather keeps rank order
-    assert all(r[1] == [6.0] * 4 for r in results)              # 1 + 2 + 3 on every rank
+    assert all(r[1] == [6.0] * 8 for r in results)              # 1 + 2 + 3 on every rank
     assert all(r[2] == [20.0] and r[3] == [0.0, 1.0, 2.0] for r in results)
     assert all(p.exitcode == 0 for p in world.processes)
 
 
-@pytest.mark.parametrize("how, message", [("raise", r"ValueError: rank one broke"),
-                                          ("exit", r"error: rank one's own message")])
-def test_a_local_rank_that_fails_tells_rank_zero_why(how, message):
-    world = distributed.start(2, fail_on_rank_one, how)
+@pytest.mark.parametrize("how, message, size", [
+    ("raise", r"ValueError: rank one broke", 3), ("exit", r"error: rank one's own message", 3),
+    ("raise", r"ValueError: rank one broke", 100_000)])
+def test_a_local_rank_that_fails_tells_rank_zero_why(how, message, size):
+    world = distributed.start(2, fail_on_rank_one, how, size)
     try:
         with pytest.raises(distributed.DistributedError, match=r"process 1 of 2 stopped: "
                                                               + message):
-            fail_on_rank_one(world, how)
+            fail_on_rank_one(world, how, size)
     finally:
         world.close()
 
