@@ -39,12 +39,12 @@ from minivit.data.resize import resize_bilinear
 from minivit.nn import VisionTransformer, ViTConfig, preset
 from minivit.optim import SGD, AdamW, warmup_cosine
 
-# Training recipes.  "cpu": a small ViT that passes 70% in under 10 minutes on 2 cores,
-# chosen on a validation split for that budget (docs/performance.md): cifar-tiny with one
-# head of 64 dimensions (faster than 2 of 32 or 4 of 16, as accurate here), the mean of
-# the patch tokens instead of [CLS], the tanh GELU of the official code; no augmentation
-# and a large learning rate, since 10 epochs underfit more than they overfit; one
-# process per core (CORE_PRESETS).
+# Training recipes.  "cpu": a small ViT for 10 minutes on 2 cores (about 69.5% test
+# accuracy), chosen on a validation split for that budget (docs/performance.md):
+# cifar-tiny with one head of 64 dimensions (faster than 2 of 32 or 4 of 16, as
+# accurate here), the mean of the patch tokens instead of [CLS], the tanh GELU of the
+# official code; no augmentation and a large learning rate, since 10 epochs underfit
+# more than they overfit; one process per core (CORE_PRESETS).
 # "gpu": the small-data recipe of Lee et al. 2021 ("Vision Transformer for Small-Size
 # Datasets") and omihub777/ViT-CIFAR -- patch 4 on 32x32 images (64 tokens), AdamW with
 # weight decay 0.05, warm-up then cosine decay, label smoothing 0.1, crop + flip.
