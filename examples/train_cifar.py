@@ -578,7 +578,8 @@ def train(args, out, device, world, saved, cifar=None):
     if world.is_main:                              # left by a run killed mid-write
         checkpoint.remove_stale_temporaries(out, OUTPUT_FILES)
 
-    cifar = cifar or cli.find_cifar10(args.data_dir, args.no_download)
+    if cifar is None:
+        cifar = cli.find_cifar10(args.data_dir, args.no_download)
     train_x, train_y = cifar.train_images, cifar.train_labels
     split = "val" if s.val_split else "test"       # what the run evaluates on
     if s.val_split:

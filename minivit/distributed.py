@@ -32,6 +32,7 @@ import pickle
 import sys
 import time
 import traceback
+
 from minivit import backend
 
 _LAUNCHERS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
