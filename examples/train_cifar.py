@@ -108,9 +108,11 @@ class Settings:
     clip_norm: float = 1.0
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    patch_dropout: float = 0.0    # the share of patch tokens each training image drops
     augment: str = "standard"
     train_subset: int = None
     val_split: int = 0            # hold out the last N training images to validate on
+    eval_every: int = 1           # evaluate after every N-th epoch (and after the last)
     seed: int = 0
     pretrained: str = None        # weights to start from (official, minivit, timm, hf)
     image_size: int = None        # the model's resolution; CIFAR images are upsampled to it
@@ -134,7 +136,8 @@ class Settings:
                                                 "image_size")
                   if getattr(self, k)}
         return preset(self.model, num_classes=10, dropout=self.dropout,
-                      attention_dropout=self.attention_dropout, **fields)
+                      attention_dropout=self.attention_dropout,
+                      patch_dropout=self.patch_dropout, **fields)
 
 
 positive_int, count, non_negative, probability, positive = (
@@ -194,6 +197,10 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=probability, help="dropout after embeddings, attention and in "
                                                  "the MLP")
     p.add_argument("--attention-dropout", type=probability, help="dropout on the attention weights")
+    p.add_argument("--patch-dropout", type=probability,
+                   help="the share of its patch tokens each training image drops, a "
+                        "different random set each time (PatchDropout); a step costs about "
+                        "that much less; evaluation sees every token")
     p.add_argument("--augment", choices=["none", "flip", "standard", "strong"],
                    help="flip: a random horizontal flip; standard: random crop (4-pixel "
                         "padding) + horizontal flip; strong: also cutout")
@@ -223,6 +230,9 @@ def parse_args(argv=None):
                    help="hold out the last N of the 50,000 training images and evaluate on "
                         "them instead of the test set (to choose a recipe without looking "
                         "at the test set; default 0: evaluate on the test set)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help="evaluate after every N-th epoch and after the last (default: 1, "
+                        "every epoch); the other epochs report their training loss only")
     p.add_argument("--eval-batch-size", type=positive_int,
                    help="images per test batch and process (default: 500 on a GPU; 128 on "
                         "the CPU, where a smaller batch stays in the caches)")
@@ -265,14 +275,15 @@ def settings_from(args):
 def resume_conflicts(args, saved):
     """The flags that contradict the settings a run was saved with, each with its saved
     value: each flag given, and each value of a --preset given that no flag overrides
-    (--epochs and --steps may change: they extend or shorten the run)."""
+    (--epochs and --steps may change: they extend or shorten the run; so may --eval-every,
+    which changes only what is reported)."""
     wanted = dataclasses.asdict(settings_from(args))
     given = {f.name for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None}
     from_preset = set(RECIPES[args.preset]) - given if args.preset else set()
     from_preset = {name for name in from_preset if wanted[name] is not None}
     problems = []
     for name in sorted(given | from_preset, key=list(wanted).index):
-        if name in ("epochs", "steps") or wanted[name] == saved.get(name):
+        if name in ("epochs", "steps", "eval_every") or wanted[name] == saved.get(name):
             continue
         flag = f"--preset {args.preset} sets {name}={wanted[name]}" if name in from_preset \
             else f"--{name.replace('_', '-')} {wanted[name]}"
@@ -407,15 +418,18 @@ def plot_curves(path, history):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     epochs = [row["epoch"] for row in history]
-    split = "val" if "val_acc" in history[0] else "test"
+    split = "val" if any("val_acc" in row for row in history) else "test"
     name = {"val": "validation", "test": "test"}[split]
+    evaluated = [row for row in history if split + "_acc" in row]    # see --eval-every
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-",
                  label="train (with label smoothing, augmentation)")
-    ax_loss.plot(epochs, [r[split + "_loss"] for r in history], "o-", label=name)
+    ax_loss.plot([r["epoch"] for r in evaluated], [r[split + "_loss"] for r in evaluated],
+                 "o-", label=name)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
     ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * r[split + "_acc"] for r in history], "o-", label=name)
+    ax_acc.plot([r["epoch"] for r in evaluated], [100 * r[split + "_acc"] for r in evaluated],
+                "o-", label=name)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -552,6 +566,8 @@ def train(args, out, device, world, saved, cifar=None):
             s.epochs, s.steps = args.epochs, None
         if args.steps is not None:
             s.steps = args.steps
+        if args.eval_every is not None:
+            s.eval_every = args.eval_every
         print(f"resuming from {ckpt_path} after epoch {state['epoch']} (settings saved there)")
     else:
         s = settings_from(args)
@@ -603,11 +619,13 @@ def train(args, out, device, world, saved, cifar=None):
                 model = load_official(s.pretrained, num_classes=10, image_size=s.image_size,
                                       seed=s.seed, dropout=s.dropout,
                                       attention_dropout=s.attention_dropout,
+                                      patch_dropout=s.patch_dropout,
                                       **({"gelu": s.gelu} if s.gelu else {}))
             else:                     # minivit, timm or Hugging Face weights: their config
                 loaded = from_pretrained(s.pretrained, num_classes=10, image_size=s.image_size)
                 config = dataclasses.replace(loaded.config, dropout=s.dropout,
                                              attention_dropout=s.attention_dropout,
+                                             patch_dropout=s.patch_dropout,
                                              **({"gelu": s.gelu} if s.gelu else {}))
                 model = VisionTransformer(config, seed=s.seed)
                 model.load_state_dict(loaded.state_dict())
@@ -661,12 +679,14 @@ def train(args, out, device, world, saved, cifar=None):
         if problem:
             stop(problem)
         train_time = time.perf_counter() - t0
-        test = evaluate(model, eval_x, eval_y, eval_batch, mean, std, device, world,
-                        show_progress, split, flip=epoch == epochs - 1)
+        last = epoch == epochs - 1
+        test = {}
+        if last or (epoch + 1) % s.eval_every == 0:
+            test = evaluate(model, eval_x, eval_y, eval_batch, mean, std, device, world,
+                            show_progress, split, flip=last)
         if not weights_finite(optimizer):
-            stop(f"the weights became NaN or infinite in epoch {epoch + 1} ({split} loss "
-                 f"{test[split + '_loss']:g})")
-        if not math.isfinite(test[split + "_loss"]):
+            stop(f"the weights became NaN or infinite in epoch {epoch + 1}")
+        if test and not math.isfinite(test[split + "_loss"]):
             stop(f"the {split} loss became {test[split + '_loss']:g} after epoch {epoch + 1}")
         elapsed += time.perf_counter() - t0
         row = {"epoch": epoch + 1, **train, **test, "lr": optimizer.lr,
@@ -681,10 +701,12 @@ def train(args, out, device, world, saved, cifar=None):
         if world.is_main:
             write_log(out / "log.jsonl", history)
             plot_curves(out / "curves.png", history)
+        evaluated = (f"{split} loss {row[split + '_loss']:.4f} acc "
+                     f"{100 * row[split + '_acc']:5.2f}%" if test else
+                     " " * len(f"{split} loss 0.0000 acc 00.00%"))
         print(f"epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} "
-              f"acc {100 * row['train_acc']:5.2f}%  {split} loss {row[split + '_loss']:.4f} "
-              f"acc {100 * row[split + '_acc']:5.2f}%  {row['images_per_s']:,.0f} img/s  "
-              f"{elapsed / 60:.1f} min", flush=True)
+              f"acc {100 * row['train_acc']:5.2f}%  {evaluated}  "
+              f"{row['images_per_s']:,.0f} img/s  {elapsed / 60:.1f} min", flush=True)
 
     if world.is_main:                      # what the trained model learned (paper Fig. 7)
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

@@ -17,7 +17,8 @@ from minivit.gradcheck import GradcheckError, gradcheck
 from minivit.ops.basic import (add, affine, broadcast_to, concatenate, div, exp, getitem, log,
                                matmul, max, maximum, mean, mul, neg, pow, relu, reshape, sqrt,
                                sub, sum, swapaxes, tanh, transpose)
-from minivit.ops.activation import dropout, gelu, log_softmax, softmax
+from minivit.ops.activation import (dropout, gelu, keep_tokens, log_softmax, patch_dropout,
+                                    softmax)
 from minivit.ops.special import erf
 from minivit.ops.attention import attention, multi_head_attention, self_attention
 from minivit.ops.loss import accuracy, correct, cross_entropy

@@ -463,15 +463,16 @@ def adapt(config, state, num_classes=None, image_size=None, keep_pre_logits=Fals
 
 
 def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFICIAL_GELU,
-                  dropout=0.0, attention_dropout=0.0, keep_pre_logits=False, dtype="float32"):
+                  dropout=0.0, attention_dropout=0.0, patch_dropout=0.0, keep_pre_logits=False,
+                  dtype="float32"):
     """A minivit VisionTransformer with the weights of an official .npz checkpoint.
 
     The architecture is read off the arrays (see config_from_official), hybrids (a ResNet
     stem, e.g. R50+ViT-B_16.npz) included.  The official
     code runs GELU in its tanh form and LayerNorm with eps 1e-6, so the model's config
     says gelu="tanh" (pass gelu="erf" to reload a file that save_official wrote from an
-    erf model) and minivit's LayerNorm uses eps 1e-6 throughout.  Dropout rates are not
-    stored in checkpoints: give them for fine-tuning.
+    erf model) and minivit's LayerNorm uses eps 1e-6 throughout.  Dropout rates (and
+    patch dropout's) are not stored in checkpoints: give them for fine-tuning.
 
     num_classes different from the checkpoint's: the official "drop head" start for
     fine-tuning -- a new head of zeros with num_classes outputs and, as the official
@@ -485,7 +486,8 @@ def load_official(path, num_classes=None, image_size=None, seed=0, *, gelu=OFFIC
     arrays = _squeeze_group_norms(_read_npz(path))
     try:
         found = config_from_official(arrays, image_size=image_size, gelu=gelu,
-                                     dropout=dropout, attention_dropout=attention_dropout)
+                                     dropout=dropout, attention_dropout=attention_dropout,
+                                     patch_dropout=patch_dropout)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     config, state = adapt(found, _minivit_state(arrays, found), num_classes, image_size,

@@ -41,6 +41,14 @@ minivit/ops/activation.py.  These tests check, in order:
 11. Dropout's backward is dx = g * m / (1 - p)
     (test_dropout_backward_is_g_times_mask_over_keep_probability), and passes gradient
     checks with a fixed mask (test_dropout_gradcheck_with_a_fixed_mask).
+12. Patch dropout keeps the [CLS] token and a random subset of max(1, int(N (1 - p)))
+    distinct patch tokens per image, each row of the output one row of the input
+    (test_patch_dropout_keeps_distinct_rows_of_each_image); it is the identity for p = 0
+    and in evaluation, and its subsets are fixed by the seed and differ between images
+    (test_patch_dropout_is_the_identity_in_evaluation_and_seeded).
+13. Its backward puts each row of g back where its token came from, zeros elsewhere
+    (test_keep_tokens_backward_puts_rows_back), and passes gradient checks
+    (test_patch_dropout_gradcheck).
 
 Then float32 staying float32 (erf included) and the errors.
 """
@@ -51,8 +59,8 @@ import pytest
 
 import minivit as mv
 from minivit import backend
-from minivit.ops.activation import (GELU, Softmax, dropout, erf, gelu, log_softmax,
-                                    softmax)
+from minivit.ops.activation import (GELU, Softmax, dropout, erf, gelu, keep_tokens,
+                                    log_softmax, patch_dropout, softmax)
 
 from conftest import as_numpy, numpy_grad
 
@@ -352,6 +360,63 @@ def test_dropout_gradcheck_with_a_fixed_mask(device, rng):
     assert mv.gradcheck(lambda x: dropout(x, 0.5, mask=per_sample), x) < 1e-6
 
 
+# --- patch dropout ----------------------------------------------------------------------
+
+def _kept_rows(z, y):
+    """For each image b, the token index of every row of y[b] within z[b] (rows are
+    distinct random vectors, so each matches exactly one)."""
+    same = (y[:, :, None, :] == z[:, None, :, :]).all(axis=-1)      # (B, K, T)
+    assert (same.sum(axis=-1) == 1).all()
+    return same.argmax(axis=-1)
+
+
+def test_patch_dropout_keeps_distinct_rows_of_each_image(device, rng):
+    z = rng.standard_normal((6, 1 + 16, 5))                  # [CLS] and 16 patch tokens
+    for p, kept in ((0.25, 12), (0.5, 8), (0.3, 11), (0.99, 1)):
+        y = patch_dropout(_t(z, device), p, rng=backend.generator(0, device), num_prefix=1)
+        assert y.shape == (6, 1 + kept, 5)
+        index = _kept_rows(z, y.numpy())
+        assert (index[:, 0] == 0).all()                      # [CLS] first, always
+        for row in index:                                    # patches: distinct, never [CLS]
+            assert len(set(row.tolist())) == 1 + kept and (row[1:] >= 1).all()
+    y = patch_dropout(_t(z, device), 0.5, rng=backend.generator(0, device))     # no prefix
+    assert y.shape == (6, 8, 5) and len(set(_kept_rows(z, y.numpy())[0].tolist())) == 8
+
+
+def test_patch_dropout_is_the_identity_in_evaluation_and_seeded(device, rng):
+    z = _t(rng.standard_normal((8, 16, 3)), device)
+    assert patch_dropout(z, 0.0, rng=backend.generator(0, device)) is z
+    assert patch_dropout(z, 0.5, training=False) is z
+
+    def subsets(seed):
+        y = patch_dropout(z, 0.5, rng=backend.generator(seed, device)).numpy()
+        return [frozenset(row.tolist()) for row in _kept_rows(z.numpy(), y)]
+    assert subsets(3) == subsets(3)
+    assert subsets(3) != subsets(4)
+    assert len(set(subsets(3))) > 1                          # each image draws its own
+
+
+def test_keep_tokens_backward_puts_rows_back(device, rng):
+    z = _t(rng.standard_normal((2, 5, 3)), device)
+    keep = np.array([[4, 0, 2], [1, 3, 0]])
+    g = rng.standard_normal((2, 3, 3))
+    y = keep_tokens(z, backend.asarray(keep, device=device))
+    y.backward(backend.asarray(g, device=device))
+    expected = np.zeros((2, 5, 3))
+    for b in range(2):
+        for j in range(3):
+            np.testing.assert_array_equal(y.numpy()[b, j], z.numpy()[b, keep[b, j]])
+            expected[b, keep[b, j]] = g[b, j]
+    np.testing.assert_array_equal(numpy_grad(z), expected)   # dropped tokens: exact zeros
+
+
+def test_patch_dropout_gradcheck(device, rng):
+    z = _t(rng.standard_normal((3, 1 + 6, 4)), device)
+    # a fresh generator with the same seed inside fn: every call keeps the same tokens
+    assert mv.gradcheck(lambda z: patch_dropout(z, 0.5, rng=backend.generator(0, device),
+                                                num_prefix=1), z) < 1e-6
+
+
 # --- errors, dtypes and devices ---------------------------------------------------------
 
 def test_erf_of_float32_input_is_float32_and_float32_accurate(device):
@@ -394,6 +459,27 @@ def test_dropout_keeps_float32(device, rng):
     y = dropout(x, 0.5, rng=backend.generator(0, device))
     y.backward(backend.asarray(np.ones((3, 4), np.float32), device=device))
     assert y.dtype == np.float32 and x.grad.dtype == np.float32
+
+
+def test_patch_dropout_keeps_float32(device, rng):
+    z = mv.tensor(rng.standard_normal((2, 8, 4)).astype(np.float32), requires_grad=True,
+                  device=device)
+    y = patch_dropout(z, 0.5, rng=backend.generator(0, device))
+    y.backward(backend.asarray(np.ones((2, 4, 4), np.float32), device=device))
+    assert y.dtype == np.float32 and z.grad.dtype == np.float32
+
+
+def test_patch_dropout_rejects_bad_input(device):
+    z = _t(np.ones((2, 4, 3)), device)
+    for p in (1.0, -0.1, "0.1", True):
+        with pytest.raises(ValueError, match=r"p must be a fraction in \[0, 1\), got"):
+            patch_dropout(z, p, rng=backend.generator(0, device))
+    with pytest.raises(ValueError, match="needs rng="):
+        patch_dropout(z, 0.5)
+    with pytest.raises(ValueError, match=r"tokens of shape \(B, T, D\), got shape \(4, 3\)"):
+        patch_dropout(_t(np.ones((4, 3)), device), 0.5, rng=backend.generator(0, device))
+    with pytest.raises(ValueError, match="num_prefix 4 leaves no patch token of the 4 tokens"):
+        patch_dropout(z, 0.5, rng=backend.generator(0, device), num_prefix=4)
 
 
 def test_gelu_rejects_an_unknown_approximation(device):

@@ -4,8 +4,9 @@ The promise of --resume: a run killed after epoch k and resumed ends in exactly 
 state of a run never interrupted.  That holds because everything a run depends on is
 either saved in the checkpoint (weights, optimiser moments, step count -- hence the
 learning-rate schedule position -- settings, history) or drawn afresh each epoch from
-(seed, epoch): the data order, the augmentation and the dropout masks.  The test
-compares the two final checkpoints array by array, with dropout and augmentation on.
+(seed, epoch): the data order, the augmentation, the dropout masks and the tokens patch
+dropout keeps.  The test compares the two final checkpoints array by array, with
+dropout, patch dropout and augmentation on.
 """
 import json
 import math
@@ -50,7 +51,7 @@ def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path
 
 def test_resume_reaches_the_state_of_an_uninterrupted_run(train_cifar, cifar_dir, tmp_path,
                                                           monkeypatch, device):
-    flag = backend_flag(device)
+    flag = backend_flag(device) + ["--patch-dropout", "0.25"]
     train_cifar.main(args(cifar_dir, tmp_path / "straight", *flag))
 
     real_write_log = train_cifar.write_log
@@ -195,9 +196,10 @@ def test_pretrained_takes_dropout_and_refuses_shape_flags(train_cifar, cifar_dir
     common = ["--pretrained", str(tmp_path / "tiny.npz"), "--image-size", "8", "--epochs", "1",
               "--data-dir", str(cifar_dir), "--no-progress"]
     train_cifar.main(common + ["--dropout", "0.3", "--attention-dropout", "0.2",
-                               "--out", str(tmp_path / "ft")])
+                               "--patch-dropout", "0.5", "--out", str(tmp_path / "ft")])
     c = checkpoint.load_checkpoint(tmp_path / "ft" / "checkpoint.npz")["config"]
-    assert (c["dropout"], c["attention_dropout"], c["gelu"]) == (0.3, 0.2, "tanh")
+    assert (c["dropout"], c["attention_dropout"], c["patch_dropout"], c["gelu"]) == \
+        (0.3, 0.2, 0.5, "tanh")
     with pytest.raises(SystemExit, match="--hidden-size, --depth cannot change the shape"):
         train_cifar.main(common + ["--hidden-size", "16", "--depth", "2",
                                    "--out", str(tmp_path / "ft2")])
@@ -211,6 +213,7 @@ def test_pretrained_takes_dropout_and_refuses_shape_flags(train_cifar, cifar_dir
     ("--momentum", "nan", "a number >= 0 and < 1"),
     ("--label-smoothing", "nan", "a number >= 0 and < 1"),
     ("--attention-dropout", "nan", "a number >= 0 and < 1"),
+    ("--patch-dropout", "1", "a number >= 0 and < 1"),
     ("--clip-norm", "nan", "a number >= 0"), ("--warmup-epochs", "inf", "a number >= 0"),
     ("--weight-decay", "1e400", "a number >= 0"), ("--seed", "-1", "an integer from 0 to"),
     ("--seed", "1.5", "an integer from 0 to"), ("--threads", "0", "a positive integer")])
@@ -282,6 +285,31 @@ def test_the_hybrid_recipe_trains_and_resumes(train_cifar, cifar_dir, tmp_path, 
     assert final["epoch"] == 2 and saved["settings"]["model"] == "cifar-hybrid"
     assert list(saved["config"]["resnet_layers"]) == [] and saved["config"]["patch_size"] == 1
     assert any(name.startswith("resnet.") for name in saved["model"])
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(train_cifar, cifar_dir, tmp_path,
+                                                           capsys, monkeypatch):
+    """--eval-every 2 over 3 epochs: the test set after epochs 2 and 3 (the last) only;
+    epoch 1 logs its training numbers alone.  It may change on --resume: it changes what
+    is reported, not what is trained."""
+    evaluated = []
+    real_evaluate = train_cifar.evaluate
+
+    def evaluate(*a, **kw):
+        evaluated.append(len(evaluated))
+        return real_evaluate(*a, **kw)
+    monkeypatch.setattr(train_cifar, "evaluate", evaluate)
+    train_cifar.main(args(cifar_dir, tmp_path / "run", "--epochs", "3", "--eval-every", "2"))
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(evaluated) == 2
+    assert ["test_acc" in row for row in rows] == [False, True, True]
+    assert "test_acc_flip" in rows[2] and math.isfinite(rows[0]["train_loss"])
+    assert "epoch   1/3" in out and "test loss" not in out.split("epoch   1/3")[1].split("\n")[0]
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train_cifar.main(args(cifar_dir, tmp_path / "run", "--epochs", "4", "--eval-every", "1",
+                          "--resume"))
+    assert len(evaluated) == 3
 
 
 def test_val_split_holds_out_the_last_training_images_and_never_reads_the_test_set(

@@ -179,6 +179,41 @@ def test_whole_model_gradient_check(classifier, pos_embed, device):
     assert mv.gradcheck(lambda x, *ps: model(x), images, *params) < 1e-6
 
 
+def test_gradient_check_with_patch_dropout(device):
+    """The tokens a training step keeps are drawn from the model's random source; reseeding
+    it before every call keeps the same tokens for every value the check tries."""
+    model = VisionTransformer(**TINY, patch_dropout=0.5).to(device)      # [CLS] always kept
+    perturbed_float64(model).train()                        # 2 of the 4 patches kept
+    images = mv.tensor(np.random.default_rng(1).standard_normal((2, 3, 8, 8)),
+                       requires_grad=True, device=device)
+
+    def logits(x, *ps):
+        model.random_source.reseed(0)
+        return model(x)
+    assert mv.gradcheck(logits, images, *model.parameters()) < 1e-6
+
+
+def test_patch_dropout_only_in_training_mode(device):
+    kwargs = dict(TINY, image_size=16, classifier="token")
+    model = VisionTransformer(**kwargs, patch_dropout=0.5).to(device)
+    plain = VisionTransformer(**kwargs).to(device)          # the same weights, no patch dropout
+    perturbed_float64(model)
+    perturbed_float64(plain)
+    x = mv.tensor(np.random.default_rng(0).standard_normal((4, 3, 16, 16)), device=device)
+    model.train()
+    assert model.embed(x).shape == (4, 1 + 8, 8)             # [CLS] and 8 of 16 patches
+    assert not np.allclose(model(x).numpy(), model(x).numpy())    # fresh tokens each call
+    model.eval()
+    assert model.embed(x).shape == (4, 1 + 16, 8)
+    np.testing.assert_array_equal(model(x).numpy(), plain.eval()(x).numpy())
+
+
+def test_config_refuses_dropout_rates_outside_0_1():
+    for name in ("dropout", "attention_dropout", "patch_dropout"):
+        with pytest.raises(ValueError, match=f"{name} must be a fraction in \\[0, 1\\), got 1.0"):
+            ViTConfig(**{name: 1.0})
+
+
 # --- parameter counts (Table 1) ---------------------------------------------------------
 
 def test_vit_b16_has_86_567_656_parameters():

@@ -1,4 +1,5 @@
-"""The layers a Vision Transformer is made of: Linear, LayerNorm, Dropout, GELU.
+"""The layers a Vision Transformer is made of: Linear, LayerNorm, Dropout, PatchDropout,
+GELU.
 
 Initial values are drawn on the host from a seeded NumPy generator and then moved
 to the default device, so a seed gives the same model on the CPU and on the GPU.
@@ -9,7 +10,7 @@ import math
 
 from minivit import backend
 from minivit.nn.module import Module, Parameter
-from minivit.ops.activation import dropout, gelu
+from minivit.ops.activation import dropout, gelu, patch_dropout
 from minivit.ops.basic import affine
 from minivit.ops.norm import layer_norm
 
@@ -119,6 +120,22 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             return x
         return dropout(x, self.p, training=True, rng=self.random_source.get(x.device))
+
+
+class PatchDropout(Module):
+    """In training, each image keeps a random max(1, int(N (1 - p))) of its N patch tokens
+    and the first num_prefix tokens ([CLS]); the identity in eval mode."""
+
+    def __init__(self, p, random_source, num_prefix=0):
+        if not 0 <= p < 1:
+            raise ValueError(f"PatchDropout: p must be in [0, 1), got {p}")
+        self.p, self.random_source, self.num_prefix = p, random_source, num_prefix
+
+    def forward(self, z):
+        if not self.training or self.p == 0:
+            return z
+        return patch_dropout(z, self.p, training=True, rng=self.random_source.get(z.device),
+                             num_prefix=self.num_prefix)
 
 
 class GELU(Module):

@@ -10,7 +10,9 @@ followed by the classification head (a Linear layer, zero at first; optionally a
 official code (google-research/vision_transformer): LayerNorm eps 1e-6, [CLS] at
 position 0, learned 1D position embeddings ~ N(0, 0.02^2), dropout after the
 embeddings, after attention and inside the MLP, and the final LayerNorm applied to
-every token.  With classifier="gap" there is no [CLS] token: the head reads the mean
+every token.  With patch_dropout > 0 each training image keeps only a random part of
+its patch tokens (PatchDropout, Liu et al. 2022; not in the paper), a cheaper step at
+the same model.  With classifier="gap" there is no [CLS] token: the head reads the mean
 of the N patch outputs (the paper's Appendix D.3); with fc_norm=True (timm's order for
 average pooling) the final LayerNorm normalises that mean instead of every token.
 
@@ -22,8 +24,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from minivit import backend
-from minivit.nn.layers import (GELU, Dropout, LayerNorm, Linear, RandomSource, host_generator,
-                               normal, param, zeros)
+from minivit.nn.layers import (GELU, Dropout, LayerNorm, Linear, PatchDropout, RandomSource,
+                               host_generator, normal, param, zeros)
 from minivit.nn.module import Module, Parameter
 from minivit.nn.resnet import (GROUPS, ResNetStem, count_stem_parameters, feature_size,
                                resnet_width, stem_channels)
@@ -52,6 +54,7 @@ class ViTConfig:
     pos_embed: str = "learned"      # "learned" (1D), "sincos2d" (fixed) or "none"
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    patch_dropout: float = 0.0      # the share of patch tokens each training image drops
     gelu: str = "erf"               # "erf" (exact) or "tanh" (the official code's)
     resnet_layers: tuple = None     # None: pure ViT; a tuple: the hybrid's ResNet stages
                                     # (units per stage; () for the root block alone)
@@ -90,6 +93,10 @@ class ViTConfig:
         if self.pos_embed == "sincos2d" and self.hidden_size % 4:
             fail(f"sincos2d position embeddings need hidden_size divisible by 4, "
                  f"got {self.hidden_size}")
+        for name in ("dropout", "attention_dropout", "patch_dropout"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                fail(f"{name} must be a fraction in [0, 1), got {p!r}")
         if self.gelu not in GELU_APPROXIMATIONS:
             fail(f"gelu must be one of {GELU_APPROXIMATIONS}, got {self.gelu!r}")
         if not self.layer_norm_eps > 0:
@@ -319,6 +326,8 @@ class VisionTransformer(Module):
             if c.classifier == "token":                    # [CLS] gets a zero embedding
                 table = backend.module_for("cpu").concatenate([zeros((1, c.hidden_size)), table])
             self.pos_embed = backend.asarray(table[None], dtype="float32")
+        self.patch_drop = PatchDropout(c.patch_dropout, self.random_source,
+                                       num_prefix=int(c.classifier == "token"))
         self.embed_drop = Dropout(c.dropout, self.random_source)
         self.blocks = [EncoderBlock(c, rng, self.random_source) for _ in range(c.depth)]
         self.norm = LayerNorm(c.hidden_size, c.layer_norm_eps)
@@ -331,7 +340,9 @@ class VisionTransformer(Module):
 
     def embed(self, images):
         """z_0 of Eq. 1: patch embeddings, the [CLS] token in front, plus E_pos.  A hybrid
-        embeds patches of its ResNet's feature map instead of the image's."""
+        embeds patches of its ResNet's feature map instead of the image's.  In training,
+        patch dropout then keeps a random part of the patch tokens (all of them when
+        config.patch_dropout is 0)."""
         c = self.config
         if images.ndim != 4 or images.shape[1:] != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(f"VisionTransformer expects images of shape (B, {c.in_channels}, "
@@ -343,7 +354,7 @@ class VisionTransformer(Module):
             z = concatenate([cls, z], axis=1)                            # (B, N+1, D)
         if self.pos_embed is not None:
             z = z + self.pos_embed
-        return self.embed_drop(z)
+        return self.embed_drop(self.patch_drop(z))
 
     def features(self, images, return_attention=False):
         """The normalised representation the head reads (Eq. 4), (B, D); with

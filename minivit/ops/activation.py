@@ -260,3 +260,82 @@ def dropout(x, p, training=True, rng=None, mask=None):
         backend.check_same_device("dropout", [data, mask])
         scale = mask.astype(data.dtype) / (1 - p)
     return Dropout(scale)(x)
+
+
+# --- patch dropout ---------------------------------------------------------------------
+
+class KeepTokens(Function):
+    """y[b, j] = z[b, keep[b, j]]: of each image b's tokens z[b] (T x D), the K listed in
+    row b of `keep` (B, K), in that order.
+
+    Every output row is one input row, so the gradient puts each row of g back where it
+    came from and leaves zeros at the tokens that were dropped:
+        dz[b, keep[b, j]] = g[b, j],      dz[b, t] = 0 for t not in keep[b].
+    `keep` lists distinct tokens in each row (patch_dropout draws it so): no token gets
+    two rows of g, so assignment is the whole rule (GetItem's scatter-add is the
+    general case, where an index may repeat).
+    """
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def forward(self, z):
+        if z.ndim != 3 or self.keep.ndim != 2 or self.keep.shape[0] != z.shape[0]:
+            raise ValueError(f"keep_tokens expects tokens (B, T, D) and indices (B, K), got "
+                             f"shapes {tuple(z.shape)} and {tuple(self.keep.shape)}")
+        self.shape = z.shape
+        self.images = array_module(z).arange(z.shape[0])[:, None]       # (B, 1): b
+        return z[self.images, self.keep]
+
+    def backward(self, g):
+        dz = array_module(g).zeros(self.shape, dtype=g.dtype)
+        dz[self.images, self.keep] = g
+        return dz
+
+
+def patch_dropout_indices(rng, batch, num_tokens, p, num_prefix=0, device="cpu"):
+    """The tokens patch dropout keeps, (batch, K) integers on `device` (where `rng`
+    draws): the first num_prefix tokens
+    (the [CLS] token) always, then K - num_prefix of the N = num_tokens - num_prefix
+    patch tokens, a different random subset for each image: the positions of the
+    smallest of N uniform draws, so every subset of max(1, int(N (1 - p))) patches is
+    equally likely."""
+    xp = backend.module_for(device)
+    n = num_tokens - num_prefix
+    kept = max(1, int(n * (1 - p)))
+    draws = rng.random((batch, n), dtype="float32")
+    patches = xp.argsort(draws, axis=1)[:, :kept] + num_prefix
+    prefix = xp.broadcast_to(xp.arange(num_prefix), (batch, num_prefix))
+    return xp.concatenate([prefix, patches], axis=1)
+
+
+def patch_dropout(z, p, training=True, rng=None, num_prefix=0):
+    """PatchDropout (Liu et al. 2022): each training image keeps a random max(1, int(N (1 -
+    p))) of its N patch tokens z (B, num_prefix + N, D), after the position embeddings
+    are added (each kept token still knows where it was), and drops the rest; the first
+    num_prefix tokens ([CLS]) are always kept.  The encoder's cost falls with the number
+    of tokens, so a step costs about (1 - p) as much; at evaluation (training=False, or
+    p == 0) every token stays and z itself is returned.  `rng`: a generator on z's
+    device, as for dropout."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"patch_dropout: p must be a fraction in [0, 1), got {p!r}")
+    if not training or p == 0:
+        return z
+    if rng is None:
+        raise ValueError("patch_dropout with p > 0 in training needs rng=, e.g. "
+                         "minivit.backend.generator(seed, device)")
+    data = z.data if isinstance(z, Tensor) else z
+    if data.ndim != 3:
+        raise ValueError(f"patch_dropout expects tokens of shape (B, T, D), got shape "
+                         f"{tuple(data.shape)}")
+    B, T = data.shape[:2]
+    if not 0 <= num_prefix < T:
+        raise ValueError(f"patch_dropout: num_prefix {num_prefix} leaves no patch token of "
+                         f"the {T} tokens in z (shape {tuple(z.shape)})")
+    keep = patch_dropout_indices(rng, B, T, p, num_prefix, backend.device_of(data))
+    return KeepTokens(keep)(z)
+
+
+def keep_tokens(z, keep):
+    """z[b, keep[b, j]] for tokens z (B, T, D) and distinct indices keep (B, K) per row."""
+    return KeepTokens(keep.data if isinstance(keep, Tensor) else keep)(z)
