@@ -295,11 +295,10 @@ class KeepTokens(Function):
 
 def patch_dropout_indices(rng, batch, num_tokens, p, num_prefix=0, device="cpu"):
     """The tokens patch dropout keeps, (batch, K) integers on `device` (where `rng`
-    draws): the first num_prefix tokens
-    (the [CLS] token) always, then K - num_prefix of the N = num_tokens - num_prefix
-    patch tokens, a different random subset for each image: the positions of the
-    smallest of N uniform draws, so every subset of max(1, int(N (1 - p))) patches is
-    equally likely."""
+    draws): the first num_prefix tokens ([CLS]) always, then max(1, int(N (1 - p))) of
+    the N = num_tokens - num_prefix patch tokens, a different random subset for each
+    image: the positions of the smallest of N uniform draws, so every subset of that
+    size is equally likely."""
     xp = backend.module_for(device)
     n = num_tokens - num_prefix
     kept = max(1, int(n * (1 - p)))
