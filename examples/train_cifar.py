@@ -687,7 +687,8 @@ def train(args, out, device, world, saved, cifar=None):
             test = evaluate(model, eval_x, eval_y, eval_batch, mean, std, device, world,
                             show_progress, split, flip=last)
         if not weights_finite(optimizer):
-            stop(f"the weights became NaN or infinite in epoch {epoch + 1}")
+            stop(f"the weights became NaN or infinite in epoch {epoch + 1}"
+                 + (f" ({split} loss {test[split + '_loss']:g})" if test else ""))
         if test and not math.isfinite(test[split + "_loss"]):
             stop(f"the {split} loss became {test[split + '_loss']:g} after epoch {epoch + 1}")
         elapsed += time.perf_counter() - t0

@@ -163,7 +163,7 @@ def test_a_non_finite_test_loss_stops_the_run(train_cifar, cifar_dir, tmp_path, 
     monkeypatch.setattr(train_cifar, "evaluate", nan_the_second_time)
     with pytest.raises(SystemExit, match=r"the test loss became nan after epoch 2; stopping\. "
                                          r"the last good checkpoint \(after epoch 1\)"):
-        train_cifar.main(tiny(cifar_dir, tmp_path / "run", "--epochs", "3"))
+        train_cifar.main(tiny(cifar_dir, tmp_path / "run", "--epochs", "3", "--eval-every", "1"))
     assert checkpoint.load_checkpoint(tmp_path / "run" / "checkpoint.npz")["epoch"] == 1
 
 

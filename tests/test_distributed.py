@@ -170,8 +170,8 @@ def test_each_rank_takes_its_own_gpu(tmp_path):
 def train_args(data, out, *extra):
     return ["examples/train_cifar.py", "--data-dir", data, "--no-download", "--no-progress",
             "--out", out, "--hidden-size", "16", "--depth", "1", "--num-heads", "2",
-            "--mlp-dim", "16", "--batch-size", "16", "--dropout", "0", "--optimizer", "sgd",
-            *extra]
+            "--mlp-dim", "16", "--batch-size", "16", "--dropout", "0", "--patch-dropout", "0",
+            "--optimizer", "sgd", "--eval-every", "1", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def args(cifar_dir, out, *extra):
             "--model", "cifar-tiny", "--hidden-size", "16", "--depth", "1", "--num-heads", "2",
             "--mlp-dim", "16", "--batch-size", "16", "--epochs", "2", "--dropout", "0.1",
             "--attention-dropout", "0.1", "--augment", "standard", "--warmup-epochs", "1",
-            *extra]
+            "--eval-every", "1", *extra]
 
 
 def test_a_run_writes_log_curves_and_checkpoint(train_cifar, cifar_dir, tmp_path, capsys, device):
