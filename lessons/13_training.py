@@ -20,7 +20,7 @@ vertical, diagonal stripes and checkerboards at random phases, widths, colours
 and noise), patches of 4 x 4 (N = 16 tokens + [CLS]), D = 32, 4 heads, 2 blocks.
 
 The real run: `python examples/train_cifar.py --preset cpu` trains on CIFAR-10
-(with warm-up, a cosine schedule, augmentation and evaluation on held-out images).
+(with warm-up, a cosine schedule, patch dropout and evaluation on held-out images).
 """
 import time
 
