@@ -1,17 +1,18 @@
 """Train a Vision Transformer on CIFAR-10 with minivit's own engine.
 
-    python examples/train_cifar.py --preset cpu                  # 10 minutes on a 2-core CPU
+    python examples/train_cifar.py --preset cpu                  # 7 minutes on a 2-core CPU
     python examples/train_cifar.py --preset gpu --backend cupy   # the real run, on a GPU
     python examples/train_cifar.py --preset finetune --pretrained ViT-B_16.npz --backend cupy
                                    # fine-tune an official checkpoint at 384x384 (paper, 3.2)
 
-Every epoch prints train and test loss and accuracy, images per second and elapsed
-time; appends a line to OUT/log.jsonl; redraws OUT/curves.png; and writes
-OUT/checkpoint.npz (atomically: a killed run never leaves half a checkpoint).
+Every epoch prints training loss and accuracy, images per second and elapsed time
+(and test loss and accuracy after every --eval-every-th epoch and the last); appends
+a line to OUT/log.jsonl; redraws OUT/curves.png; and writes OUT/checkpoint.npz
+(atomically: a killed run never leaves half a checkpoint).
 `--resume` continues from that checkpoint and reaches exactly the state an
 uninterrupted run would: the model, the optimiser, the schedule position (the step
-count), and the randomness, which is drawn per epoch from (seed, epoch) for both the
-data order and augmentation and the dropout masks.
+count), and the randomness, which is drawn per epoch from (seed, epoch) for the data
+order and augmentation, the dropout masks and the tokens patch dropout keeps.
 
 One run at a time uses an OUT: a second one refuses, naming the process that holds it
 (an OS lock, which ends with its process however it ends).  A run whose loss or weights
