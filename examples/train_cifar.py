@@ -40,7 +40,7 @@ from minivit.data.resize import resize_bilinear
 from minivit.nn import VisionTransformer, ViTConfig, preset
 from minivit.optim import SGD, AdamW, warmup_cosine
 
-# Training recipes.  "cpu": a small ViT for 10 minutes on 2 cores (about 71.5% test
+# Training recipes.  "cpu": a small ViT for 10 minutes on 2 cores (about 72% test
 # accuracy), chosen on a validation split for that budget (docs/performance.md):
 # cifar-tiny with one head of 64 dimensions (faster than 2 of 32 or 4 of 16, as
 # accurate here), the mean of the patch tokens instead of [CLS], the tanh GELU of the
